@@ -1,0 +1,92 @@
+"""Build the cpuattn extensions.
+
+Every extension is compiled for the baseline ISA of the target (no
+-march=native): the hot loops carry their own per-function ISA targets and
+are chosen at import from CPUID/XGETBV (see csrc/platform.c). OpenMP is used when
+the compiler has it; otherwise the build goes on serially and
+``cpuattn.info()["openmp"]`` says so.
+
+Environment switches (for development, never needed by users):
+  CPUATTN_NO_OPENMP=1         build without OpenMP
+  CPUATTN_SANITIZE=address    build with -fsanitize=address,undefined
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PKG = os.path.join("src", "cpuattn")
+CSRC = os.path.join(PKG, "csrc")
+
+
+def compiler_has_openmp(compiler_cmd):
+    """Compile and link a tiny OpenMP program with the build's compiler."""
+    if os.environ.get("CPUATTN_NO_OPENMP"):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
+        try:
+            r = subprocess.run(compiler_cmd + ["-fopenmp", src, "-o", os.path.join(tmp, "t")],
+                               capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return r.returncode == 0
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
+        msvc = self.compiler.compiler_type == "msvc"
+        openmp = (not msvc) and compiler_has_openmp(cc)
+        if not openmp and not msvc:
+            warnings.warn("cpuattn: the compiler has no OpenMP; building serial kernels "
+                          "(cpuattn.info() will report openmp=False)")
+        sanitize = os.environ.get("CPUATTN_SANITIZE", "")
+        for ext in self.extensions:
+            if msvc:
+                ext.extra_compile_args += ["/O2", "/openmp"]
+                continue
+            ext.extra_compile_args += ["-O3", "-std=gnu11", "-fno-strict-aliasing",
+                                       "-Wno-unused-function", "-Wno-unknown-pragmas"]
+            if openmp:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+                ext.define_macros.append(("CPUATTN_OPENMP", "1"))
+            if sanitize:
+                flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+                ext.extra_compile_args += flags
+                ext.extra_link_args += flags
+        super().build_extensions()
+
+
+def ext(name, *csources):
+    return Extension(
+        f"cpuattn.{name}",
+        [os.path.join(PKG, f"{name}.pyx")] + [os.path.join(CSRC, c) for c in csources],
+        include_dirs=[np.get_include(), CSRC],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+extensions = [
+    ext("_threads", "platform.c"),
+    ext("_forward", "forward.c", "platform.c"),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
+                             "cdivision": True, "initializedcheck": False},
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,38 @@
+"""cpuattn: fast, safe attention kernels for CPU-only LLM inference and training.
+
+Layouts are token-major (flash-attn style); see the README and each
+function's docstring. Integrations (``cpuattn.torch``,
+``cpuattn.integrations.hf``) are imported on demand only.
+"""
+from . import _threads
+from .dense import attention, attention_varlen
+from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
+from .reference import reference_attention
+
+__version__ = "0.1.0"
+
+get_num_threads = _threads.get_num_threads
+set_num_threads = _threads.set_num_threads
+
+
+def info():
+    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads."""
+    import platform
+    import sysconfig
+
+    return {
+        "version": __version__,
+        "compiler": platform.python_compiler() + " / " + (sysconfig.get_config_var("CC") or "cc"),
+        "openmp": _threads.openmp_enabled(),
+        "simd": _threads.get_isa(),
+        "simd_supported": _threads.supported_isas(),
+        "num_threads": get_num_threads(),
+        "usable_cpus": _threads.usable_cpus(),
+    }
+
+
+__all__ = [
+    "attention", "attention_varlen", "reference_attention",
+    "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
+    "get_num_threads", "set_num_threads", "info", "__version__",
+]

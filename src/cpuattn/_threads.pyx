@@ -1,0 +1,128 @@
+"""Threads and SIMD path: the one place that knows about OpenMP and the CPU.
+
+The thread count a call uses is ``min(cap, omp_get_max_threads())`` of the
+calling thread: ``cap`` is process-wide (set_num_threads), while OpenMP's own
+limit is per calling thread, so ``threadpoolctl.threadpool_limits`` and
+``OMP_NUM_THREADS`` keep working, also from Python worker threads.
+"""
+import math
+import os
+import warnings
+
+from .errors import ShapeError
+
+cdef extern from "platform.h" nogil:
+    int cpa_isa_best()
+    const char *cpa_isa_name(int isa)
+    int cpa_openmp_enabled()
+    int cpa_omp_max_threads()
+    int CPA_ISA_COUNT
+
+cdef int _cap = 1
+cdef int _isa = 0
+
+
+cdef int effective_threads() noexcept nogil:
+    cdef int omp = cpa_omp_max_threads()
+    return _cap if _cap < omp else omp
+
+
+cdef int current_isa() noexcept nogil:
+    return _isa
+
+
+def _cgroup_cpu_limit():
+    """CPUs allowed by a cgroup CPU quota (v2 cpu.max or v1 cfs), or None."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        if quota > 0 and period > 0:
+            return max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def usable_cpus():
+    """CPUs this process may really use: its affinity mask and any cgroup quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, limit)
+    return max(1, n)
+
+
+def get_num_threads():
+    """Threads a kernel call from this Python thread uses now:
+    ``min(set_num_threads cap, omp_get_max_threads())``."""
+    return effective_threads()
+
+
+def set_num_threads(n):
+    """Set the process-wide cap on kernel threads (an int >= 1)."""
+    global _cap
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ShapeError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    _cap = n
+
+
+def openmp_enabled():
+    return bool(cpa_openmp_enabled())
+
+
+def isa_names():
+    return [cpa_isa_name(i).decode() for i in range(CPA_ISA_COUNT)]
+
+
+def best_isa():
+    """Name of the fastest SIMD path this CPU and OS support."""
+    return cpa_isa_name(cpa_isa_best()).decode()
+
+
+def supported_isas():
+    """SIMD paths this machine can run, slowest first."""
+    return isa_names()[: cpa_isa_best() + 1]
+
+
+def get_isa():
+    """Name of the SIMD path the kernels use."""
+    return cpa_isa_name(_isa).decode()
+
+
+def set_isa(name):
+    """Force a SIMD path (testing/benchmarking); must be supported here."""
+    global _isa
+    names = supported_isas()
+    if name not in names:
+        raise ShapeError(f"isa: expected one of {names} on this CPU, got {name!r}")
+    _isa = names.index(name)
+
+
+def _init():
+    global _cap, _isa
+    _cap = usable_cpus()
+    _isa = cpa_isa_best()
+    forced = os.environ.get("CPUATTN_ISA", "").strip().lower()
+    if forced:
+        if forced in supported_isas():
+            _isa = supported_isas().index(forced)
+        else:
+            warnings.warn(f"CPUATTN_ISA={forced!r} is not supported on this CPU "
+                          f"(supported: {supported_isas()}); using {get_isa()!r}",
+                          RuntimeWarning, stacklevel=2)
+
+
+_init()

@@ -1,0 +1,300 @@
+/* Forward engine: planning, scratch layout, ISA x dtype dispatch, merge.
+ * The kernel bodies (forward_body.h, simd_t.h) are compiled once per ISA
+ * target region below; nothing here depends on the thread count. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include "forward.h"
+#include "half.h"
+#include "platform.h"
+
+#define CPA_CAT2_(a, b) a##_##b
+#define CPA_CAT2(a, b) CPA_CAT2_(a, b)
+#define CPA_CAT3_(a, b, c) a##_##b##_##c
+#define CPA_CAT3(a, b, c) CPA_CAT3_(a, b, c)
+#define CPA_CAT4_(a, b, c, d) a##_##b##_##c##_##d
+#define CPA_CAT4(a, b, c, d) CPA_CAT4_(a, b, c, d)
+
+/* Blocking constants. Shapes only, never thread counts. */
+#define CPA_BK 64            /* keys per tile */
+#define CPA_BK_PAD (CPA_BK + 8) /* key rows of a tile rounded up to any ISA's MR (<= 8) */
+#define CPA_MROWS 64         /* target query rows (tokens x group heads) per block */
+#define CPA_SPLIT 512        /* keys per split-KV chunk (multiple of CPA_BK) */
+#define CPA_DEC_MAX_M 8      /* query rows up to which the decode kernel is used */
+#define CPA_ALIGN 64
+
+/* KV storage kinds as preprocessor numbers (same values as enum cpa_dtype). */
+#define CPA_KIND_F32 0
+#define CPA_KIND_F64 1
+#define CPA_KIND_F16 2
+#define CPA_KIND_BF16 3
+
+static inline int64_t cpa_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t cpa_max(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t cpa_roundup(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+static inline int64_t cpa_block_tokens(int64_t g) { return g >= CPA_MROWS ? 1 : CPA_MROWS / g; }
+static inline int cpa_use_decode(int64_t g, int64_t nq) { return g * nq <= CPA_DEC_MAX_M; }
+
+/* Keys query token t (of nq, against Sk keys) may see: [*lo, *hi], empty if
+ * *hi < *lo. Bottom-right aligned: token t sits at position t + Sk - nq. */
+static inline void cpa_row_interval(const cpa_fwd_args *a, int64_t nq, int64_t Sk, int64_t t,
+                                    int64_t *lo, int64_t *hi)
+{
+    const int64_t p = t + Sk - nq;
+    int64_t l = 0, h = Sk - 1;
+    if (a->window_left >= 0 && p - a->window_left > l) l = p - a->window_left;
+    if (a->causal && p < h) h = p;
+    if (a->window_right >= 0 && p + a->window_right < h) h = p + a->window_right;
+    *lo = l;
+    *hi = h;
+}
+
+/* Element offset of key row j of sequence b (relative to its kv head base). */
+static inline int64_t cpa_kv_elem(const cpa_fwd_args *a, int64_t b, int64_t j, int64_t tok,
+                                  int64_t page)
+{
+    if (!a->block_table)
+        return j * tok;
+    const int64_t P = a->page_size;
+    return (int64_t)a->block_table[b * a->bt_stride + j / P] * page + (j % P) * tok;
+}
+
+typedef struct {
+    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, total;
+} cpa_tiled_layout;
+
+typedef struct {
+    size_t qs, sc, o, vrow, skip, total;
+    int64_t qstride, scstride;
+} cpa_decode_layout;
+
+static size_t cpa_take(size_t *at, size_t bytes)
+{
+    size_t off = *at;
+    *at += (bytes + CPA_ALIGN - 1) / CPA_ALIGN * CPA_ALIGN;
+    return off;
+}
+
+static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout *L)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    const int64_t mp = cpa_roundup(g * cpa_block_tokens(g), 64);
+    const int64_t dk = a->head_dim_qk, dv = a->head_dim_v, dmax = cpa_max(dk, dv);
+    size_t at = 0;
+    L->qt = cpa_take(&at, (size_t)(dk * mp) * tsize);
+    L->st = cpa_take(&at, (size_t)(CPA_BK_PAD * mp) * tsize);
+    L->ot = cpa_take(&at, (size_t)(dv * mp) * tsize);
+    L->m = cpa_take(&at, (size_t)mp * tsize);
+    L->l = cpa_take(&at, (size_t)mp * tsize);
+    L->alpha = cpa_take(&at, (size_t)mp * tsize);
+    L->lo = cpa_take(&at, (size_t)mp * 8);
+    L->hi = cpa_take(&at, (size_t)mp * 8);
+    L->krow = cpa_take(&at, CPA_BK_PAD * sizeof(void *));
+    L->vrow = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->kc = cpa_take(&at, (size_t)(CPA_BK * dk) * tsize);
+    L->vc = cpa_take(&at, (size_t)(CPA_BK * dv) * tsize);
+    L->zero = cpa_take(&at, (size_t)dmax * tsize);
+    L->fix = cpa_take(&at, CPA_BK * sizeof(int64_t));
+    L->vraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->total = at;
+}
+
+static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layout *L)
+{
+    L->qstride = cpa_roundup(a->head_dim_qk, 16);
+    L->scstride = CPA_SPLIT;
+    size_t at = 0;
+    L->qs = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * L->qstride) * tsize);
+    L->sc = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * CPA_SPLIT) * tsize);
+    L->o = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * a->head_dim_v) * tsize);
+    L->vrow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
+    L->skip = cpa_take(&at, CPA_SPLIT);
+    L->total = at;
+}
+
+static size_t cpa_tsize(const cpa_fwd_args *a) { return a->q_dtype == CPA_F64 ? 8 : 4; }
+
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a)
+{
+    cpa_tiled_layout t;
+    cpa_decode_layout d;
+    cpa_tiled_plan(a, cpa_tsize(a), &t);
+    cpa_decode_plan(a, cpa_tsize(a), &d);
+    return (t.total > d.total ? t.total : d.total) + CPA_ALIGN;
+}
+
+size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    return (size_t)(g * cpa_block_tokens(g) * (a->head_dim_v + 2)) * cpa_tsize(a);
+}
+
+int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
+                     int64_t *n_merges, int64_t *n_slots)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads, bq = cpa_block_tokens(g);
+    int64_t ni = 0, nm = 0, ns = 0;
+    for (int64_t b = 0; b < a->num_seqs; b++) {
+        const int64_t nq = a->q_len[b], Sk = a->k_len[b];
+        if (nq <= 0)
+            continue;
+        const int64_t nqb = (nq + bq - 1) / bq;
+        /* largest (causal: latest) blocks first, for the dynamic schedule */
+        for (int64_t qb = nqb - 1; qb >= 0; qb--) {
+            int64_t ulo = INT64_MAX, uhi = -1;
+            for (int64_t t = qb * bq; t < cpa_min(nq, (qb + 1) * bq); t++) {
+                int64_t lo, hi;
+                cpa_row_interval(a, nq, Sk, t, &lo, &hi);
+                if (hi >= lo) {
+                    ulo = cpa_min(ulo, lo);
+                    uhi = cpa_max(uhi, hi);
+                }
+            }
+            if (uhi < 0)
+                ulo = 0;   /* no visible key: one item writes zeros */
+            const int64_t c0 = ulo / CPA_SPLIT, c1 = uhi < 0 ? c0 : uhi / CPA_SPLIT;
+            const int64_t nsplit = (nqb == 1) ? c1 - c0 + 1 : 1;
+            for (int32_t h = 0; h < a->num_kv_heads; h++) {
+                if (nsplit > 1 && merges) {
+                    merges[nm].seq = b; merges[nm].kvh = h;
+                    merges[nm].nsplit = (int32_t)nsplit; merges[nm].slot0 = ns;
+                }
+                for (int64_t s = 0; s < nsplit; s++) {
+                    if (items) {
+                        cpa_fwd_item *it = &items[ni];
+                        it->seq = b; it->kvh = h; it->qblock = (int32_t)qb;
+                        it->slot = nsplit > 1 ? ns + s : -1;
+                        it->key_lo = nsplit > 1 ? cpa_max(ulo, (c0 + s) * CPA_SPLIT) : ulo;
+                        it->key_hi = nsplit > 1 ? cpa_min(uhi, (c0 + s + 1) * CPA_SPLIT - 1) : uhi;
+                    }
+                    ni++;
+                }
+                if (nsplit > 1) {
+                    nm++;
+                    ns += nsplit;
+                }
+            }
+        }
+    }
+    *n_merges = nm;
+    *n_slots = ns;
+    return ni;
+}
+
+#define T float
+#define T_IS_F64 0
+#define TTAG f32
+#include "rowio_t.h"
+#undef T
+#undef T_IS_F64
+#undef TTAG
+#define T double
+#define T_IS_F64 1
+#define TTAG f64
+#include "rowio_t.h"
+#undef T
+#undef T_IS_F64
+#undef TTAG
+#define RN_CALL(x) CPA_CAT2(x, TTAG)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CPA_X86_DISPATCH 1
+#endif
+
+/* ---- baseline (SSE2 on x86-64, NEON on aarch64) ---- */
+#define ISA_TAG base
+#define VBYTES 16
+#define MR 4
+#define NV 2
+#define CPA_HAS_F16C 0
+#include "isa_region.h"
+#undef ISA_TAG
+#undef VBYTES
+#undef MR
+#undef NV
+#undef CPA_HAS_F16C
+
+#ifdef CPA_X86_DISPATCH
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define ISA_TAG avx2
+#define VBYTES 32
+#define MR 6
+#define NV 2
+#define CPA_HAS_F16C 1
+#include "isa_region.h"
+#undef ISA_TAG
+#undef VBYTES
+#undef MR
+#undef NV
+#undef CPA_HAS_F16C
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#endif
+#define ISA_TAG avx512
+#define VBYTES 64
+#define MR 8
+#define NV 2
+#define CPA_HAS_F16C 1
+#include "isa_region.h"
+#undef ISA_TAG
+#undef VBYTES
+#undef MR
+#undef NV
+#undef CPA_HAS_F16C
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif /* CPA_X86_DISPATCH */
+
+#define CPA_TABLE_ROW(isa) \
+    { item_##isa##_f32_f32, item_##isa##_f64_f64, item_##isa##_f32_f16, item_##isa##_f32_bf16 }
+
+static const cpa_fwd_item_fn cpa_fwd_table[CPA_ISA_COUNT][4] = {
+    CPA_TABLE_ROW(base),
+#ifdef CPA_X86_DISPATCH
+    CPA_TABLE_ROW(avx2),
+    CPA_TABLE_ROW(avx512),
+#else
+    {0, 0, 0, 0},
+    {0, 0, 0, 0},
+#endif
+};
+
+cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
+{
+    if (isa < 0 || isa >= CPA_ISA_COUNT)
+        return 0;
+    const int q64 = a->q_dtype == CPA_F64, kv64 = a->kv_dtype == CPA_F64;
+    if (q64 != kv64)
+        return 0;   /* float64 compute needs float64 everywhere */
+    return cpa_fwd_table[isa][a->kv_dtype];
+}
+
+void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
+                       char *scratch)
+{
+    if (a->q_dtype == CPA_F64)
+        merge_f64(a, m, partials, scratch);
+    else
+        merge_f32(a, m, partials, scratch);
+}

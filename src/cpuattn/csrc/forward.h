@@ -1,0 +1,69 @@
+/* The forward attention engine shared by dense, varlen and paged attention.
+ *
+ * Every call is described as a list of sequences. Sequence b has q_len[b]
+ * query tokens (its last q_len[b] positions) and k_len[b] keys; key row j of
+ * KV head h lives at
+ *     base + kv_off[b] + h*head_stride + page(j)*page_stride + (j % page_size)*tok_stride
+ * where page(j) = block_table[b*bt_stride + j / page_size] for a paged cache,
+ * and a dense cache is one "page" per sequence (no block table). The facade
+ * validates everything before the engine runs: the kernels trust their input.
+ *
+ * Work is split into items (sequence, kv head, query block, kv split). The
+ * blocking depends only on a sequence's own shape, never on the thread
+ * count, so results are bitwise reproducible and batch-invariant.
+ */
+#ifndef CPUATTN_FORWARD_H
+#define CPUATTN_FORWARD_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum cpa_dtype { CPA_F32 = 0, CPA_F64 = 1, CPA_F16 = 2, CPA_BF16 = 3 };
+
+typedef struct {
+    const void *q, *k, *v;
+    void *out;
+    void *lse;                      /* float32, or float64 for float64 input; may be NULL */
+    int64_t q_tok, q_head;          /* element strides */
+    int64_t o_tok, o_head;
+    int64_t k_tok, k_head, k_page;
+    int64_t v_tok, v_head, v_page;
+    int64_t lse_head, lse_tok;
+    int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v;
+    int32_t q_dtype, kv_dtype;
+    double scale, softcap;          /* softcap 0 = off */
+    int32_t causal;
+    int64_t window_left, window_right;   /* -1 = unbounded */
+    int64_t num_seqs;
+    const int64_t *q_off, *o_off, *lse_off, *k_off, *v_off;   /* per sequence */
+    const int64_t *q_len, *k_len;
+    const int32_t *block_table;     /* NULL: dense */
+    int64_t bt_stride, page_size;
+} cpa_fwd_args;
+
+typedef struct {
+    int64_t seq, slot;              /* slot: partial-result slot, -1 = write the output */
+    int32_t kvh, qblock;
+    int64_t key_lo, key_hi;         /* keys this item reads: [key_lo, key_hi] */
+} cpa_fwd_item;
+
+typedef struct {
+    int64_t seq, slot0;
+    int32_t kvh, nsplit;
+} cpa_fwd_merge;
+
+/* Counts (items == NULL) or fills the work lists. Returns the item count;
+ * *n_merges and *n_slots receive the merge count and partial-slot count. */
+int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
+                     int64_t *n_merges, int64_t *n_slots);
+/* Scratch bytes one thread needs, and bytes of one partial slot. */
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a);
+size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a);
+
+typedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *scratch,
+                                char *partials);
+/* Kernel for this call's dtypes on SIMD path `isa`; NULL if unsupported. */
+cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa);
+void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
+                       char *scratch);  /* scratch: (nsplit + head_dim_v) doubles */
+
+#endif

@@ -1,0 +1,89 @@
+/* Query-row loads and output-row stores for one compute type T (included by
+ * forward.c once for float, once for double). Off the hot loop: a query row
+ * is loaded once per work item and an output row stored once. */
+#undef RN
+#define RN(x) CPA_CAT2(x, TTAG)
+
+/* dst[d * dstride] = scale * q_row[d], converting from the query dtype. */
+static void RN(load_q_row)(const cpa_fwd_args *a, int64_t off, T *dst, int64_t dstride, T scale)
+{
+    const int64_t D = a->head_dim_qk;
+    switch (a->q_dtype) {
+    case CPA_F32: {
+        const float *p = (const float *)a->q + off;
+        for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)p[d];
+        break;
+    }
+    case CPA_F64: {
+        const double *p = (const double *)a->q + off;
+        for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)p[d];
+        break;
+    }
+    case CPA_F16: {
+        const uint16_t *p = (const uint16_t *)a->q + off;
+        for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)cpa_f16_to_f32(p[d]);
+        break;
+    }
+    default: {
+        const uint16_t *p = (const uint16_t *)a->q + off;
+        for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)cpa_bf16_to_f32(p[d]);
+        break;
+    }
+    }
+}
+
+/* Normalise one accumulated row (o[d * ostride], running max m, sum l) and
+ * store it with its lse. A row that saw no key (l == 0) is exactly 0 with
+ * lse -inf; a NaN sum propagates. */
+static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t head,
+                          const T *o, int64_t ostride, T m, T l)
+{
+    const int64_t D = a->head_dim_v;
+    const int64_t off = a->o_off[b] + t * a->o_tok + head * a->o_head;
+    const int empty = (l == 0);
+    for (int64_t d = 0; d < D; d++) {
+        T x = empty ? (T)0 : o[d * ostride] / l;
+        switch (a->q_dtype) {
+        case CPA_F32: ((float *)a->out)[off + d] = (float)x; break;
+        case CPA_F64: ((double *)a->out)[off + d] = (double)x; break;
+        case CPA_F16: ((uint16_t *)a->out)[off + d] = cpa_f32_to_f16((float)x); break;
+        default: ((uint16_t *)a->out)[off + d] = cpa_f32_to_bf16((float)x); break;
+        }
+    }
+    if (a->lse) {
+        T lse = empty ? (T)-INFINITY : m + (T)log((double)l);
+        int64_t lo = a->lse_off[b] + head * a->lse_head + t * a->lse_tok;
+        if (a->q_dtype == CPA_F64) ((double *)a->lse)[lo] = (double)lse;
+        else ((float *)a->lse)[lo] = (float)lse;
+    }
+}
+
+/* Merge the partial results of a split sequence in split order. */
+static void RN(merge)(const cpa_fwd_args *a, const cpa_fwd_merge *mg, const char *partials,
+                      char *scratch)
+{
+    const int64_t b = mg->seq, g = a->num_heads / a->num_kv_heads;
+    const int64_t M = g * a->q_len[b], Dv = a->head_dim_v, ns = mg->nsplit;
+    const size_t slot = cpa_fwd_slot_bytes(a);
+    T *w = (T *)scratch;
+    T *acc = w + ns;
+    for (int64_t r = 0; r < M; r++) {
+        T mmax = -INFINITY;
+        for (int64_t s = 0; s < ns; s++) {
+            const T *part = (const T *)(partials + (mg->slot0 + s) * slot) + r * (Dv + 2);
+            if (part[Dv] > mmax || part[Dv] != part[Dv]) mmax = part[Dv];
+        }
+        T l = 0;
+        for (int64_t s = 0; s < ns; s++) {
+            const T *part = (const T *)(partials + (mg->slot0 + s) * slot) + r * (Dv + 2);
+            w[s] = (mmax == -INFINITY) ? (T)0 : (T)exp((double)(part[Dv] - mmax));
+            l += w[s] * part[Dv + 1];
+        }
+        for (int64_t d = 0; d < Dv; d++) acc[d] = 0;
+        for (int64_t s = 0; s < ns; s++) {
+            const T *part = (const T *)(partials + (mg->slot0 + s) * slot) + r * (Dv + 2);
+            for (int64_t d = 0; d < Dv; d++) acc[d] += w[s] * part[d];
+        }
+        RN(store_row)(a, b, r / g, mg->kvh * g + r % g, acc, 1, mmax, l);
+    }
+}

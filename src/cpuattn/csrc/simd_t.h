@@ -1,0 +1,174 @@
+/* Vector primitives for one (ISA, compute type) pair, written once with GCC/
+ * Clang vector extensions. forward.c includes this file inside each ISA's
+ * target region; the compiler lowers the same source to SSE2/NEON, AVX2+FMA
+ * or AVX-512 instructions.
+ *
+ * Expects: T (float|double), T_IS_F64 (0|1), TTAG, ISA_TAG, VBYTES, MR, NV.
+ * Defines (and forward_body.h uses): V, VI, VL, NVL, TN(...) names.
+ */
+#undef V
+#undef VI
+#undef VL
+#undef NVL
+#undef TN
+#define TN(x) CPA_CAT3(x, ISA_TAG, TTAG)
+#define VL ((int64_t)(VBYTES / sizeof(T)))
+#define NVL (NV * VL)
+
+#if T_IS_F64
+typedef int64_t TN(ielem);
+#else
+typedef int32_t TN(ielem);
+#endif
+typedef T TN(vt) __attribute__((vector_size(VBYTES)));
+typedef TN(ielem) TN(vi) __attribute__((vector_size(VBYTES)));
+#define V TN(vt)
+#define VI TN(vi)
+
+static inline V TN(vld)(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }
+static inline void TN(vst)(T *p, V v) { memcpy(p, &v, sizeof v); }
+static inline V TN(vset1)(T x) { V v = {0}; return v + x; }
+static inline VI TN(viset1)(TN(ielem) x) { VI v = {0}; return v + x; }
+/* lanes of a where m is all-ones, else lanes of b */
+static inline V TN(vsel)(VI m, V a, V b) { return (V)((m & (VI)a) | (~m & (VI)b)); }
+static inline V TN(vmax)(V a, V b) { return TN(vsel)(a > b, a, b); }
+static inline T TN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline int TN(any)(VI m) { for (int i = 0; i < VL; i++) if (m[i]) return 1; return 0; }
+
+#if T_IS_F64
+/* float64 is the accuracy path: libm per lane, exact special cases. */
+static inline V TN(vexp)(V x) { V r = x; for (int i = 0; i < VL; i++) r[i] = exp(x[i]); return r; }
+static inline V TN(vtanh)(V x) { V r = x; for (int i = 0; i < VL; i++) r[i] = tanh(x[i]); return r; }
+#else
+/* expf on vectors: 2^n * P(r), |r| <= ln2/2, Cephes coefficients (~1 ulp).
+ * Exact special cases: -inf and anything below the normal range -> 0,
+ * +inf/overflow -> inf, NaN -> NaN (the masking relies on exp(-inf) == 0). */
+static inline V TN(vexp)(V x)
+{
+    const V hi = TN(vset1)(88.3762626647949f), lo = TN(vset1)(-87.33654475f);
+    VI big = x > hi, small = x < lo, nan = x != x;
+    V xc = TN(vsel)(big | small | nan, TN(vset1)(0.0f), x);
+    const V magic = TN(vset1)(12582912.0f);          /* 1.5 * 2^23: round to int */
+    V t = xc * 1.44269504088896341f + magic;
+    V n = t - magic;
+    V r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    V p = TN(vset1)(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+    VI ni = (VI)t - (VI)magic;
+    V res = (V)((VI)p + (ni << 23));
+    res = TN(vsel)(small, TN(vset1)(0.0f), res);
+    res = TN(vsel)(big, TN(vset1)(INFINITY), res);
+    return TN(vsel)(nan, x, res);
+}
+
+/* tanh: odd polynomial near 0 (no cancellation), 1 - 2/(e^{2|x|}+1) beyond. */
+static inline V TN(vtanh)(V x)
+{
+    VI neg = x < 0.0f;
+    V ax = TN(vsel)(neg, -x, x);
+    V z = ax * ax;
+    V small = TN(vset1)(-5.70498872745E-3f);
+    small = small * z + 2.06390887954E-2f;
+    small = small * z - 5.37397155531E-2f;
+    small = small * z + 1.33314422036E-1f;
+    small = small * z - 3.33332819422E-1f;
+    small = small * z * ax + ax;
+    V e = TN(vexp)(ax + ax);
+    V large = 1.0f - 2.0f / (e + 1.0f);
+    V r = TN(vsel)(ax < 0.625f, small, large);
+    r = TN(vsel)(x != x, x, r);
+    return TN(vsel)(neg, -r, r);
+}
+#endif
+
+/* Register-blocked tile products. A is read by broadcasting one element at a
+ * time, B as vector rows; C is MR x NV vectors held in registers. */
+
+/* C[i][:] = sum_k arow[i][k] * B[k][:] (overwrites C) */
+static inline void TN(mk_rows)(int64_t K, const T *const *arow, const T *B, int64_t ldb,
+                               T *C, int64_t ldc)
+{
+    V c[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[i][j] = TN(vset1)(0);
+    const T *a[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+        a[i] = arow[i];
+    for (int64_t k = 0; k < K; k++) {
+        V bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            bv[j] = TN(vld)(B + k * ldb + j * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            T x = a[i][k];
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c[i][j] += x * bv[j];
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            TN(vst)(C + i * ldc + j * VL, c[i][j]);
+}
+
+/* C[i][:] += sum_k acol[k][off+i] * B[k][:], for MR rows (mk_cols) or one row. */
+static inline void TN(mk_cols)(int64_t K, const T *const *acol, int64_t off, const T *B,
+                               int64_t ldb, T *C, int64_t ldc)
+{
+    V c[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[i][j] = TN(vld)(C + i * ldc + j * VL);
+    for (int64_t k = 0; k < K; k++) {
+        V bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            bv[j] = TN(vld)(B + k * ldb + j * VL);
+        const T *a = acol[k] + off;
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            T x = a[i];
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c[i][j] += x * bv[j];
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            TN(vst)(C + i * ldc + j * VL, c[i][j]);
+}
+
+static inline void TN(mk_cols1)(int64_t K, const T *const *acol, int64_t off, const T *B,
+                                int64_t ldb, T *C)
+{
+    V c[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++)
+        c[j] = TN(vld)(C + j * VL);
+    for (int64_t k = 0; k < K; k++) {
+        T x = acol[k][off];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[j] += x * TN(vld)(B + k * ldb + j * VL);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++)
+        TN(vst)(C + j * VL, c[j]);
+}

@@ -1,0 +1,146 @@
+"""Dense and packed (varlen) attention: validation and dispatch to the engine."""
+import numpy as np
+
+from . import _forward
+from . import _validate as V
+from .errors import DTypeError, ShapeError
+
+
+def _lse_dtype(q):
+    return np.float64 if q.dtype == np.float64 else np.float32
+
+
+def _check_dense_dtypes(q, k, v):
+    code = V.dtype_code(q, "q")
+    for name, a in (("k", k), ("v", v)):
+        V.dtype_code(a, name)
+        if a.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected the dtype of q ({q.dtype}), got {a.dtype}")
+    if not _forward.kernel_available(code, code):
+        raise DTypeError(f"q: no kernel for dtype {q.dtype}")
+    return code
+
+
+def _check_kv(q, k, v, qlayout_heads_axis, kname="k", vname="v"):
+    """Shared head/dim checks: returns (H, Hkv, Dqk, Dv)."""
+    h, d = q.shape[qlayout_heads_axis], q.shape[-1]
+    hkv, dk = k.shape[-2], k.shape[-1]
+    if v.shape[-2] != hkv:
+        raise ShapeError(f"{vname}: expected num_kv_heads {hkv} (as {kname}), got {v.shape[-2]}")
+    if dk != d:
+        raise ShapeError(f"{kname}: expected head_dim {d} (as q), got {dk}")
+    if d < 1 or v.shape[-1] < 1:
+        raise ShapeError(f"q/{vname}: head_dim must be >= 1, got {d} and {v.shape[-1]}")
+    V.check_heads(h, hkv)
+    return h, hkv, d, v.shape[-1]
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+              return_lse=False, out=None):
+    """Flash attention over a dense batch.
+
+    Args:
+        q: ``(batch, seq_q, num_heads, head_dim)``.
+        k: ``(batch, seq_k, num_kv_heads, head_dim)``.
+        v: ``(batch, seq_k, num_kv_heads, head_dim_v)`` (usually head_dim_v == head_dim).
+            q, k, v share one dtype: float32, float64, float16 or bfloat16.
+            Any strides work without a copy as long as the last axis is contiguous.
+        causal: bottom-right aligned: query ``i`` sits at position
+            ``i + seq_k - seq_q`` and sees keys ``j <= i + seq_k - seq_q``.
+        scale: score scale, default ``1 / sqrt(head_dim)``.
+        window: ``(left, right)``, -1 = unbounded: query at position p sees
+            keys ``p - left <= j <= p + right``.
+        softcap: if > 0, scores become ``softcap * tanh(score / softcap)``.
+        return_lse: also return the natural-log sum-exp of the scores,
+            ``(batch, num_heads, seq_q)`` float32 (float64 for float64 input).
+        out: optional output array to write in place (same shape and dtype as
+            the result, contiguous last axis); may be ``q`` itself.
+
+    Returns:
+        ``out`` ``(batch, seq_q, num_heads, head_dim_v)`` in q's dtype, or
+        ``(out, lse)``. Rows that see no key are exactly 0 with lse ``-inf``.
+
+    Memory beyond inputs and outputs is O(threads x tile); compute is fp32
+    (fp64 for float64 input). Raises ShapeError / DTypeError on bad input.
+    """
+    q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
+    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    code = _check_dense_dtypes(q, k, v)
+    b, sq = q.shape[:2]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
+    sk = k.shape[1]
+    if v.shape[1] != sk:
+        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
+    h, hkv, d, dv = _check_kv(q, k, v, 2)
+    for name, n in (("seq_q", sq), ("seq_k", sk)):
+        if n > V.INDEX_MAX:
+            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
+    scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
+    shape = (b, sq, h, dv)
+    if out is None:
+        out = np.empty(shape, dtype=q.dtype)
+    else:
+        V.check_out(out, shape, q.dtype, [("q", q, True), ("k", k, False), ("v", v, False)])
+    lse = np.empty((b, h, sq), dtype=_lse_dtype(q)) if return_lse else None
+    if out.size or (lse is not None and lse.size):
+        qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
+        idx = np.arange(b, dtype=np.int64)
+        _forward.forward(
+            q, k, v, out, lse, code, code,
+            (qs[1], qs[2], os_[1], os_[2], ks[1], ks[2], 0, vs[1], vs[2], 0, sq, 1),
+            (h, hkv, d, dv), scale, softcap, causal, left, right,
+            idx * qs[0], idx * os_[0], idx * (h * sq), idx * ks[0], idx * vs[0],
+            np.full(b, sq, dtype=np.int64), np.full(b, sk, dtype=np.int64), None, 0)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
+                     window=(-1, -1), softcap=0.0, return_lse=False, out=None):
+    """Flash attention over a packed batch of variable-length sequences.
+
+    Args:
+        q: ``(total_q, num_heads, head_dim)``; k: ``(total_k, num_kv_heads,
+            head_dim)``; v: ``(total_k, num_kv_heads, head_dim_v)``.
+        cu_seqlens_q, cu_seqlens_k: integer ``(batch + 1,)``, starting at 0,
+            non-decreasing, ending at total_q / total_k. Sequence b is rows
+            ``cu[b]:cu[b+1]``; masks apply per sequence (bottom-right causal).
+        Other options as :func:`attention`.
+
+    Returns:
+        ``out`` ``(total_q, num_heads, head_dim_v)``, or ``(out, lse)`` with lse
+        ``(num_heads, total_q)``. Empty sequences give no rows; a sequence with
+        queries but no keys gives zero rows and lse ``-inf``.
+    """
+    q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
+    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
+    code = _check_dense_dtypes(q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
+    h, hkv, d, dv = _check_kv(q, k, v, 1)
+    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if cuq.shape != cuk.shape:
+        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
+                         f"got {cuk.shape}")
+    scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
+    total = q.shape[0]
+    shape = (total, h, dv)
+    if out is None:
+        out = np.empty(shape, dtype=q.dtype)
+    else:
+        V.check_out(out, shape, q.dtype, [("q", q, True), ("k", k, False), ("v", v, False)])
+    lse = np.empty((h, total), dtype=_lse_dtype(q)) if return_lse else None
+    if total:
+        qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
+        _forward.forward(
+            q, k, v, out, lse, code, code,
+            (qs[0], qs[1], os_[0], os_[1], ks[0], ks[1], 0, vs[0], vs[1], 0, total, 1),
+            (h, hkv, d, dv), scale, softcap, causal, left, right,
+            cuq[:-1] * qs[0], cuq[:-1] * os_[0], cuq[:-1].copy(), cuk[:-1] * ks[0],
+            cuk[:-1] * vs[0], np.diff(cuq), np.diff(cuk), None, 0)
+    return (out, lse) if return_lse else out
