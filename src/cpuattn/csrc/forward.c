@@ -53,22 +53,45 @@ static inline void cpa_row_interval(const cpa_fwd_args *a, int64_t nq, int64_t S
     *hi = h;
 }
 
-/* Element offset of key row j of sequence b (relative to its kv head base). */
-static inline int64_t cpa_kv_elem(const cpa_fwd_args *a, int64_t b, int64_t j, int64_t tok,
-                                  int64_t page)
+
+#define CPA_PREFETCH_ROWS 6   /* key rows fetched ahead in the decode kernel */
+
+static inline void cpa_prefetch_row(const void *p, size_t bytes)
 {
-    if (!a->block_table)
-        return j * tok;
+    for (size_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch((const char *)p + off, 0, 3);
+}
+
+/* Addresses of key rows j0 .. j0+n-1 of sequence b: out[i] = base + element
+ * offset * esize. Walks the page chain once instead of dividing per row. */
+static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size_t esize,
+                        int64_t tok, int64_t page, int64_t j0, int64_t n, const void **out)
+{
+    if (!a->block_table) {
+        for (int64_t i = 0; i < n; i++) out[i] = base + (size_t)((j0 + i) * tok) * esize;
+        return;
+    }
     const int64_t P = a->page_size;
-    return (int64_t)a->block_table[b * a->bt_stride + j / P] * page + (j % P) * tok;
+    const int32_t *chain = a->block_table + b * a->bt_stride;
+    int64_t pg = j0 / P, slot = j0 % P;
+    const char *p = base + (size_t)(chain[pg] * page + slot * tok) * esize;
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = p;
+        if (++slot == P && i + 1 < n) {
+            slot = 0;
+            p = base + (size_t)(chain[++pg] * page) * esize;
+        } else {
+            p += tok * (int64_t)esize;
+        }
+    }
 }
 
 typedef struct {
-    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, total;
+    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, total;
 } cpa_tiled_layout;
 
 typedef struct {
-    size_t qs, sc, o, vrow, skip, total;
+    size_t qs, sc, o, krow, vrow, skip, total;
     int64_t qstride, scstride;
 } cpa_decode_layout;
 
@@ -100,6 +123,7 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->zero = cpa_take(&at, (size_t)dmax * tsize);
     L->fix = cpa_take(&at, CPA_BK * sizeof(int64_t));
     L->vraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->kraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->total = at;
 }
 
@@ -111,6 +135,7 @@ static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layo
     L->qs = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * L->qstride) * tsize);
     L->sc = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * CPA_SPLIT) * tsize);
     L->o = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * a->head_dim_v) * tsize);
+    L->krow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
     L->vrow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
     L->skip = cpa_take(&at, CPA_SPLIT);
     L->total = at;

@@ -85,7 +85,7 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     const T **krow = (const T **)(scratch + L.krow), **vrow = (const T **)(scratch + L.vrow);
     T *kc = (T *)(scratch + L.kc), *vc = (T *)(scratch + L.vc), *zero = (T *)(scratch + L.zero);
     int64_t *fix = (int64_t *)(scratch + L.fix);
-    const KS **vraw = (const KS **)(scratch + L.vraw);
+    const KS **vraw = (const KS **)(scratch + L.vraw), **kraw = (const KS **)(scratch + L.kraw);
 
     /* Q^T, pre-scaled; rows r = t * g + head-in-group; padding lanes are 0. */
     memset(QT, 0, (size_t)(Dk * Mp) * sizeof(T));
@@ -110,12 +110,11 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     for (int64_t j0 = it->key_lo - it->key_lo % CPA_BK; j0 <= it->key_hi; j0 += CPA_BK) {
         const int64_t jhi = cpa_min(j0 + CPA_BK - 1, it->key_hi), n = jhi - j0 + 1;
         const int full = (j0 >= ilo && jhi <= ihi);
+        cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k_tok, a->k_page, j0, n, (const void **)kraw);
+        cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v_tok, a->v_page, j0, n, (const void **)vraw);
         for (int64_t i = 0; i < n; i++) {
-            const KS *kr = kbase + cpa_kv_elem(a, b, j0 + i, a->k_tok, a->k_page);
-            const KS *vr = vbase + cpa_kv_elem(a, b, j0 + i, a->v_tok, a->v_page);
-            krow[i] = FN(row_as_t)(kr, Dk, kc + i * Dk);
-            vrow[i] = FN(row_as_t)(vr, Dv, vc + i * Dv);
-            vraw[i] = vr;
+            krow[i] = FN(row_as_t)(kraw[i], Dk, kc + i * Dk);
+            vrow[i] = FN(row_as_t)(vraw[i], Dv, vc + i * Dv);
         }
         for (int64_t i = n; i < CPA_BK_PAD; i++) krow[i] = zero;
 
@@ -215,7 +214,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     cpa_decode_layout L;
     cpa_decode_plan(a, sizeof(T), &L);
     T *qs = (T *)(scratch + L.qs), *sc = (T *)(scratch + L.sc), *o = (T *)(scratch + L.o);
-    const KS **vrow = (const KS **)(scratch + L.vrow);
+    const KS **krow = (const KS **)(scratch + L.krow), **vrow = (const KS **)(scratch + L.vrow);
     char *skip = scratch + L.skip;
     const int64_t qstride = L.qstride, scs = L.scstride;
 
@@ -238,9 +237,20 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     const int64_t npad = cpa_roundup(n > 0 ? n : 0, VL);
     const T cap = (T)a->softcap;
     /* scores: each key row is loaded once for 4 query rows at a time */
+    cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k_tok, a->k_page, k0, n, (const void **)krow);
+    cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v_tok, a->v_page, k0, n, (const void **)vrow);
+    for (int64_t i = 0; i < CPA_PREFETCH_ROWS && i < n; i++) {
+        cpa_prefetch_row(krow[i], Dk * sizeof(KS));
+        cpa_prefetch_row(vrow[i], Dv * sizeof(KS));
+    }
     for (int64_t i = 0; i < n; i++) {
-        const KS *kr = kbase + cpa_kv_elem(a, b, k0 + i, a->k_tok, a->k_page);
-        vrow[i] = vbase + cpa_kv_elem(a, b, k0 + i, a->v_tok, a->v_page);
+        const KS *kr = krow[i];
+        /* rows of one head sit a page-row apart: the hardware prefetcher
+         * cannot follow the chain, so fetch K and V rows ahead ourselves */
+        if (i + CPA_PREFETCH_ROWS < n) {
+            cpa_prefetch_row(krow[i + CPA_PREFETCH_ROWS], Dk * sizeof(KS));
+            cpa_prefetch_row(vrow[i + CPA_PREFETCH_ROWS], Dv * sizeof(KS));
+        }
         for (int64_t r0 = 0; r0 < M; r0 += 4) {
             V acc[4] = {TN(vset1)(0), TN(vset1)(0), TN(vset1)(0), TN(vset1)(0)};
             const T *q0 = qs + r0 * qstride;

@@ -32,7 +32,22 @@ static inline VI TN(viset1)(TN(ielem) x) { VI v = {0}; return v + x; }
 /* lanes of a where m is all-ones, else lanes of b */
 static inline V TN(vsel)(VI m, V a, V b) { return (V)((m & (VI)a) | (~m & (VI)b)); }
 static inline V TN(vmax)(V a, V b) { return TN(vsel)(a > b, a, b); }
-static inline T TN(hsum)(V v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+/* horizontal sum: halve the vector until one lane is left (a tree of
+ * shuffles and adds, not a serial chain through every lane) */
+static inline T TN(hsum)(V v)
+{
+#if VBYTES == 64 && !T_IS_F64 && defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif VBYTES == 64 && T_IS_F64 && defined(__AVX512F__)
+    return _mm512_reduce_add_pd((__m512d)v);
+#else
+    T buf[VL];
+    memcpy(buf, &v, sizeof v);
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) buf[i] += buf[i + w];
+    return buf[0];
+#endif
+}
 static inline int TN(any)(VI m) { for (int i = 0; i < VL; i++) if (m[i]) return 1; return 0; }
 
 #if T_IS_F64
