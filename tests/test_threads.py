@@ -1,0 +1,73 @@
+"""Thread control, SIMD path reporting and build info."""
+import threading
+
+import numpy as np
+import pytest
+
+import cpuattn
+from cpuattn import ShapeError, _threads
+
+
+def test_info_reports_build_and_runtime():
+    info = cpuattn.info()
+    for key in ("version", "compiler", "openmp", "simd", "num_threads"):
+        assert key in info
+    assert info["simd"] in ("scalar", "avx2", "avx512", "neon")
+    assert info["num_threads"] == cpuattn.get_num_threads()
+
+
+def test_set_num_threads_caps_and_validates(threads):
+    threads(1)
+    assert cpuattn.get_num_threads() == 1
+    for bad in (0, -2, 1.5, "2", True, None):
+        with pytest.raises(ShapeError):
+            cpuattn.set_num_threads(bad)
+    assert cpuattn.get_num_threads() == 1
+
+
+def test_default_cap_is_usable_cpus():
+    assert _threads.usable_cpus() >= 1
+    assert cpuattn.get_num_threads() <= _threads.usable_cpus()
+
+
+def test_threadpoolctl_limits_the_kernels(threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not cpuattn.info()["openmp"]:
+        pytest.skip("serial build")
+    threads(64)
+    apis = {p["user_api"] for p in threadpoolctl.threadpool_info()}
+    assert "openmp" in apis
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert cpuattn.get_num_threads() == 1
+
+
+def test_cap_holds_in_other_python_threads(threads):
+    threads(1)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(cpuattn.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [1]
+
+
+def test_forcing_a_simd_path():
+    names = _threads.supported_isas()
+    assert names[0] == "scalar"
+    old = _threads.get_isa()
+    try:
+        for name in names:
+            _threads.set_isa(name)
+            assert cpuattn.info()["simd"] == name
+        with pytest.raises(ShapeError):
+            _threads.set_isa("sse9")
+    finally:
+        _threads.set_isa(old)
+
+
+def test_isa_env_var_in_subprocess():
+    import subprocess
+    import sys
+    code = "import cpuattn; print(cpuattn.info()['simd'])"
+    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ,
+                       "CPUATTN_ISA": "scalar"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "scalar"
