@@ -10,6 +10,7 @@ Environment switches (for development, never needed by users):
   CPUATTN_NO_OPENMP=1         build without OpenMP
   CPUATTN_SANITIZE=address    build with -fsanitize=address,undefined
 """
+import glob
 import os
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def ext(name, *csources):
         f"cpuattn.{name}",
         [os.path.join(PKG, f"{name}.pyx")] + [os.path.join(CSRC, c) for c in csources],
         include_dirs=[np.get_include(), CSRC],
+        depends=sorted(glob.glob(os.path.join(CSRC, "*.h"))),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 

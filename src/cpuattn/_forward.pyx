@@ -10,6 +10,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from cython.parallel cimport prange, threadid
 cimport numpy as cnp
+import numpy as np
 
 from ._threads cimport current_isa, effective_threads
 
@@ -50,7 +51,8 @@ cdef extern from "forward.h" nogil:
     ctypedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *, char *) noexcept nogil
     int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
                          int64_t *n_merges, int64_t *n_slots)
-    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a)
+    int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
+    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
     size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
     cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
@@ -148,7 +150,7 @@ cdef void run(cpa_fwd_args *a) except *:
             nt = <int>n_items
         if work < SERIAL_WORK:
             nt = 1
-        per_thread = cpa_fwd_scratch_bytes(a)
+        per_thread = cpa_fwd_scratch_bytes(a, cpa_fwd_uses_tiled(a))
         if per_thread < <size_t>((max_split + a.head_dim_v) * 8 + 64):
             per_thread = <size_t>((max_split + a.head_dim_v) * 8 + 64)
         per_thread = (per_thread + 63) // 64 * 64
@@ -174,3 +176,33 @@ cdef void run(cpa_fwd_args *a) except *:
         free(merges)
         free(partials)
         free(scratch_raw)
+
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+
+cdef int64_t _first_bad_entry(const index_t[:, :] table, const int64_t[::1] lens,
+                              int64_t num_pages, int64_t page_size, int64_t *bad_col) noexcept nogil:
+    """Row of the first used block-table entry outside [0, num_pages), or -1."""
+    cdef int64_t b, j, used
+    for b in range(table.shape[0]):
+        used = (lens[b] + page_size - 1) // page_size
+        for j in range(used):
+            if table[b, j] < 0 or table[b, j] >= num_pages:
+                bad_col[0] = j
+                return b
+    return -1
+
+
+def check_chains(table, lens, int64_t num_pages, int64_t page_size):
+    """Checked block table: (row, col) of the first used entry outside
+    [0, num_pages) or None. `table` is an int32/int64 2-D array, `lens` int64
+    contiguous with values already checked to be >= 0 and to fit the table."""
+    cdef int64_t col = 0, row
+    if table.dtype == np.int32:
+        row = _first_bad_entry[int32_t](table, lens, num_pages, page_size, &col)
+    else:
+        row = _first_bad_entry[int64_t](table, lens, num_pages, page_size, &col)
+    return None if row < 0 else (row, col)

@@ -13,12 +13,15 @@ from .errors import DTypeError, ShapeError
 
 F32, F64, F16, BF16 = 0, 1, 2, 3
 _CODES = {"float32": F32, "float64": F64, "float16": F16, "bfloat16": BF16}
+_CODE_OF = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): F16}
 INDEX_MAX = 2**31 - 1
 
 
 def dtype_code(arr, name):
     """Kernel dtype tag of an array, or DTypeError."""
-    code = _CODES.get(arr.dtype.name)
+    code = _CODE_OF.get(arr.dtype)
+    if code is None:
+        code = _CODES.get(arr.dtype.name)   # bfloat16 (ml_dtypes) is matched by name
     if code is None:
         raise DTypeError(f"{name}: expected dtype float32, float64, float16 or bfloat16, "
                          f"got {arr.dtype}")

@@ -30,41 +30,38 @@ def check_pages(k_pages, v_pages):
 
 
 def check_block_table(block_table, seq_lens, num_pages, page_size):
-    """Validated (block_table int32 (B, W) contiguous, seq_lens int64 (B,)).
+    """Validated (block_table int32/int64 (B, W), seq_lens int64 (B,)).
 
     Raises ShapeError for malformed arrays or lengths beyond the table, and
-    PageError for a used entry outside [0, num_pages)."""
-    try:
-        bt = np.asarray(block_table)
-    except Exception:  # noqa: BLE001
-        raise ShapeError(f"block_table: expected an int32 array, got "
-                         f"{type(block_table).__name__}") from None
-    if bt.dtype.kind not in "iu":
-        raise DTypeError(f"block_table: expected an integer dtype (int32), got {bt.dtype}")
+    PageError for a used entry outside [0, num_pages). Entries past a
+    sequence's pages are never read, so they may hold anything (e.g. -1)."""
+    bt = block_table if isinstance(block_table, np.ndarray) else np.asarray(block_table)
+    if bt.dtype != np.int32 and bt.dtype != np.int64:
+        if bt.dtype.kind not in "iu":
+            raise DTypeError(f"block_table: expected an integer dtype (int32), got {bt.dtype}")
+        bt = bt.astype(np.int64)
     if bt.ndim != 2:
         raise ShapeError(f"block_table: expected shape (batch, max_pages_per_seq), got {bt.shape}")
     lens = V.check_index_array(seq_lens, "seq_lens", 1, bt.shape[0])
-    if lens.size and lens.min() < 0:
-        b = int(np.argmin(lens))
-        raise ShapeError(f"seq_lens: expected lengths >= 0, got {lens[b]} for sequence {b}")
-    width = bt.shape[1]
-    npages = (lens + page_size - 1) // page_size
-    if npages.size and npages.max() > width:
-        b = int(np.argmax(npages))
-        raise ShapeError(f"seq_lens: sequence {b} has length {lens[b]}, which needs "
-                         f"{npages[b]} pages, but block_table has {width} columns")
-    used = np.arange(width)[None, :] < npages[:, None]
-    if used.any():
-        entries = bt[used]
-        bad = (entries < 0) | (entries >= num_pages)
-        if bad.any():
-            rows, cols = np.nonzero(used)
-            i = int(np.argmax(bad))
-            raise PageError(f"block_table[{rows[i]}, {cols[i]}]: expected a page id in "
-                            f"[0, {num_pages}), got {entries[i]}")
-    # unused entries may hold anything (e.g. -1): they are never read
-    bt32 = np.where(used, bt, 0).astype(np.int32) if bt.size else np.zeros(bt.shape, np.int32)
-    return np.ascontiguousarray(bt32), lens
+    if lens.size:
+        if lens.min() < 0:
+            b = int(np.argmin(lens))
+            raise ShapeError(f"seq_lens: expected lengths >= 0, got {lens[b]} for sequence {b}")
+        width = bt.shape[1]
+        if int(lens.max()) > width * page_size:
+            b = int(np.argmax(lens))
+            raise ShapeError(f"seq_lens: sequence {b} has length {lens[b]}, which needs "
+                             f"{(lens[b] + page_size - 1) // page_size} pages, but block_table "
+                             f"has {width} columns")
+    bad = _forward.check_chains(bt, lens, num_pages, page_size)
+    if bad is not None:
+        raise PageError(f"block_table[{bad[0]}, {bad[1]}]: expected a page id in "
+                        f"[0, {num_pages}), got {bt[bad]}")
+    if bt.dtype != np.int32 or not bt.flags.c_contiguous:
+        # unused entries may not fit int32: zero them, they are never read
+        used = np.arange(bt.shape[1])[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+        bt = np.where(used, bt, 0).astype(np.int32)
+    return bt, lens
 
 
 def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=None,

@@ -143,13 +143,24 @@ static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layo
 
 static size_t cpa_tsize(const cpa_fwd_args *a) { return a->q_dtype == CPA_F64 ? 8 : 4; }
 
-size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a)
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
 {
     cpa_tiled_layout t;
     cpa_decode_layout d;
     cpa_tiled_plan(a, cpa_tsize(a), &t);
     cpa_decode_plan(a, cpa_tsize(a), &d);
+    if (!any_tiled)
+        t.total = 0;
     return (t.total > d.total ? t.total : d.total) + CPA_ALIGN;
+}
+
+int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    for (int64_t b = 0; b < a->num_seqs; b++)
+        if (a->q_len[b] > 0 && !cpa_use_decode(g, a->q_len[b]))
+            return 1;
+    return 0;
 }
 
 size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)

@@ -55,8 +55,10 @@ typedef struct {
  * *n_merges and *n_slots receive the merge count and partial-slot count. */
 int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
                      int64_t *n_merges, int64_t *n_slots);
+/* Whether any sequence runs the tiled kernel (else all run the decode one). */
+int cpa_fwd_uses_tiled(const cpa_fwd_args *a);
 /* Scratch bytes one thread needs, and bytes of one partial slot. */
-size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a);
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled);
 size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a);
 
 typedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *scratch,

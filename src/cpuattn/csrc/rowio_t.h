@@ -41,15 +41,30 @@ static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t h
     const int64_t D = a->head_dim_v;
     const int64_t off = a->o_off[b] + t * a->o_tok + head * a->o_head;
     const int empty = (l == 0);
-    for (int64_t d = 0; d < D; d++) {
-        T x = empty ? (T)0 : o[d * ostride] / l;
-        switch (a->q_dtype) {
-        case CPA_F32: ((float *)a->out)[off + d] = (float)x; break;
-        case CPA_F64: ((double *)a->out)[off + d] = (double)x; break;
-        case CPA_F16: ((uint16_t *)a->out)[off + d] = cpa_f32_to_f16((float)x); break;
-        default: ((uint16_t *)a->out)[off + d] = cpa_f32_to_bf16((float)x); break;
-        }
+    /* one loop per output dtype, so that each loop vectorises */
+#define CPA_STORE(type, conv)                                                   \
+    do {                                                                        \
+        type *dst = (type *)a->out + off;                                       \
+        if (empty)                                                              \
+            for (int64_t d = 0; d < D; d++) dst[d] = conv((T)0);               \
+        else                                                                    \
+            for (int64_t d = 0; d < D; d++) dst[d] = conv(o[d * ostride] / l); \
+    } while (0)
+#define CPA_AS_F32(x) ((float)(x))
+#define CPA_AS_F64(x) ((double)(x))
+#define CPA_AS_F16(x) cpa_f32_to_f16((float)(x))
+#define CPA_AS_BF16(x) cpa_f32_to_bf16((float)(x))
+    switch (a->q_dtype) {
+    case CPA_F32: CPA_STORE(float, CPA_AS_F32); break;
+    case CPA_F64: CPA_STORE(double, CPA_AS_F64); break;
+    case CPA_F16: CPA_STORE(uint16_t, CPA_AS_F16); break;
+    default: CPA_STORE(uint16_t, CPA_AS_BF16); break;
     }
+#undef CPA_STORE
+#undef CPA_AS_F32
+#undef CPA_AS_F64
+#undef CPA_AS_F16
+#undef CPA_AS_BF16
     if (a->lse) {
         T lse = empty ? (T)-INFINITY : m + (T)log((double)l);
         int64_t lo = a->lse_off[b] + head * a->lse_head + t * a->lse_tok;
