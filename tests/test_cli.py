@@ -1,7 +1,7 @@
 """The command line: ``python -m cpuattn info`` and ``python -m cpuattn bench``.
 
-Runs the CLI in a subprocess against the package in ``src/`` (built in
-place). No timing assertions: timings belong in ``bench/``.
+Runs the CLI in a subprocess against the cpuattn this test imported (built
+in place or installed). No timing assertions: timings belong in ``bench/``.
 """
 import json
 import os
@@ -10,12 +10,13 @@ import sys
 
 import cpuattn
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# the directory holding the cpuattn package under test
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(cpuattn.__file__)))
 
 
 def run_cli(*args, timeout=120):
     env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "cpuattn", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
