@@ -82,6 +82,7 @@ def ext(name, *csources):
 extensions = [
     ext("_threads", "platform.c"),
     ext("_forward", "forward.c", "platform.c"),
+    ext("_roofline"),
 ]
 
 setup(
