@@ -5,6 +5,7 @@ dtype; the C side owns all state and does every metadata change and copy
 under its own mutex with the GIL released, returning status codes that are
 turned into exceptions here. A failed call changes nothing.
 """
+import importlib
 import numbers
 import sys
 
@@ -62,7 +63,9 @@ def _pool_dtype(dtype):
     """numpy dtype of the pool from a name or dtype-like, or DTypeError."""
     if isinstance(dtype, str) and dtype == "bfloat16":
         try:
-            import ml_dtypes
+            # import_module honours a None entry in sys.modules (Cython's own
+            # import does not), so "ml_dtypes missing" can be tested.
+            ml_dtypes = importlib.import_module("ml_dtypes")
         except ImportError:
             raise DTypeError("dtype: bfloat16 pages need the ml_dtypes package "
                              "(pip install ml_dtypes)") from None
@@ -227,6 +230,9 @@ cdef class PagePool:
         V.check_ndim(arr, name, 3, layout)
         if arr.shape[1:] != (self.num_kv_heads, self.head_dim):
             raise ShapeError(f"{name}: expected shape {layout}, got {arr.shape}")
+        if arr.shape[0] > V.INDEX_MAX:  # before the conversion copies it
+            raise ShapeError(f"{name}: a sequence would exceed {V.INDEX_MAX} tokens "
+                             f"with {arr.shape[0]} rows")
         return np.ascontiguousarray(arr, dtype=self.dtype)
 
     def append(self, seq, k, v):
@@ -433,8 +439,9 @@ cdef class PagePool:
             PageError: a sequence id is not an int, unknown or freed.
             ShapeError / DTypeError: as ``cpuattn.paged_attention``.
         """
-        from . import paged  # import here: paged imports the package too
-        table, lens = self._table(self._seq_ids(seqs), True)
+        ids = self._seq_ids(seqs)
+        from . import paged  # imported here: cpuattn.paged imports the package
+        table, lens = self._table(ids, True)
         try:
             # Read-only: the unpin below trusts these arrays to be what was pinned.
             table.flags.writeable = False
