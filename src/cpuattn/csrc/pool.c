@@ -259,7 +259,8 @@ int cpa_pool_fork(cpa_pool *p, int64_t seq, int64_t *seq_out)
             p->num_seqs--;  /* undo new_seq: the id was never handed out */
             p->num_alive--;
         } else {
-            memcpy(f->pages, s->pages, (size_t)s->npages * sizeof(int32_t));
+            if (s->npages)  /* an empty chain may be NULL: memcpy(NULL, ...) is UB */
+                memcpy(f->pages, s->pages, (size_t)s->npages * sizeof(int32_t));
             f->npages = s->npages;
             f->len = s->len;
             for (int32_t i = 0; i < s->npages; i++)
@@ -365,7 +366,8 @@ int cpa_pool_block_table(cpa_pool *p, const int64_t *seqs, int64_t n, int pin, i
     for (int64_t i = 0; i < n; i++) {
         s = &p->seqs[seqs[i]];
         int32_t *row = table + i * width;
-        memcpy(row, s->pages, (size_t)s->npages * sizeof(int32_t));
+        if (s->npages)
+            memcpy(row, s->pages, (size_t)s->npages * sizeof(int32_t));
         for (int64_t j = s->npages; j < width; j++)
             row[j] = -1;
         lens[i] = (int32_t)s->len;
