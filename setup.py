@@ -83,6 +83,7 @@ extensions = [
     ext("_threads", "platform.c"),
     ext("_forward", "forward.c", "platform.c"),
     ext("_roofline"),
+    ext("_pool", "pool.c"),
 ]
 
 setup(

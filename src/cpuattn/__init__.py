@@ -7,6 +7,7 @@ function's docstring. Integrations (``cpuattn.torch``,
 from . import _threads
 from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
+from ._pool import PagePool
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
 from .reference import reference_attention
 
@@ -34,6 +35,7 @@ def info():
 
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
+    "PagePool",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]

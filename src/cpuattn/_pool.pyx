@@ -1,0 +1,478 @@
+"""The C-level paged KV page pool (csrc/pool.c) as a Python class.
+
+Python checks argument types and shapes and converts K/V rows to the pool
+dtype; the C side owns all state and does every metadata change and copy
+under its own mutex with the GIL released, returning status codes that are
+turned into exceptions here. A failed call changes nothing.
+"""
+import importlib
+import numbers
+import sys
+
+import numpy as np
+
+from libc.stdint cimport int32_t, int64_t
+cimport numpy as cnp
+
+from . import _validate as V
+from .errors import DTypeError, PageError, PoolFullError, ShapeError
+
+cnp.import_array()
+
+cdef extern from "pool.h" nogil:
+    ctypedef struct cpa_pool:
+        char *k
+        char *v
+    enum:
+        CPA_POOL_OK
+        CPA_POOL_EUNKNOWN
+        CPA_POOL_EFREED
+        CPA_POOL_EFULL
+        CPA_POOL_ENOMEM
+        CPA_POOL_ELEN
+        CPA_POOL_ETOOLONG
+        CPA_POOL_ERETRY
+    cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
+                           int64_t head_dim, int64_t itemsize)
+    void cpa_pool_destroy(cpa_pool *p)
+    int64_t cpa_pool_num_free(cpa_pool *p)
+    int64_t cpa_pool_num_alive(cpa_pool *p)
+    int cpa_pool_create_seq(cpa_pool *p, int64_t *seq_out)
+    int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out)
+    int cpa_pool_append(cpa_pool *p, int64_t seq, const char *k, const char *v, int64_t n,
+                        int64_t *need_out)
+    int cpa_pool_fork(cpa_pool *p, int64_t seq, int64_t *seq_out)
+    int cpa_pool_truncate(cpa_pool *p, int64_t seq, int64_t length, int64_t *len_out)
+    int cpa_pool_free_seq(cpa_pool *p, int64_t seq)
+    int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t *npages_out)
+    int cpa_pool_gather(cpa_pool *p, int64_t seq, char *k_out, char *v_out, int64_t cap,
+                        int64_t *len_out)
+    int cpa_pool_block_table(cpa_pool *p, const int64_t *seqs, int64_t n, int pin,
+                             int32_t *table, int64_t width, int32_t *lens, int64_t *width_out,
+                             int64_t *bad_out)
+    void cpa_pool_unpin(cpa_pool *p, const int32_t *table, int64_t n, int64_t width,
+                        const int32_t *lens)
+    void cpa_pool_refcounts(cpa_pool *p, int32_t *out)
+    int cpa_pool_check(cpa_pool *p, char *msg, size_t msg_len)
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_INT64_MAX = 2**63 - 1
+
+
+def _pool_dtype(dtype):
+    """numpy dtype of the pool from a name or dtype-like, or DTypeError."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            # import_module honours a None entry in sys.modules (Cython's own
+            # import does not), so "ml_dtypes missing" can be tested.
+            ml_dtypes = importlib.import_module("ml_dtypes")
+        except ImportError:
+            raise DTypeError("dtype: bfloat16 pages need the ml_dtypes package "
+                             "(pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in _DTYPES:
+        raise DTypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype!r}")
+    return dt
+
+
+def _positive_int(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) \
+            or not 1 <= x <= V.INDEX_MAX:
+        raise ShapeError(f"{name}: expected an int in [1, {V.INDEX_MAX}], got {x!r}")
+    return int(x)
+
+
+def _seq_id(seq, name="seq"):
+    """A sequence id as a Python int, or PageError."""
+    if isinstance(seq, (bool, np.bool_)) or not isinstance(seq, numbers.Integral):
+        raise PageError(f"{name}: expected an int sequence id, got {seq!r}")
+    seq = int(seq)
+    if not 0 <= seq <= _INT64_MAX:
+        raise PageError(f"{name}: unknown sequence id {seq}")
+    return seq
+
+
+def _seq_error(int rc, seq, name="seq"):
+    if rc == CPA_POOL_EUNKNOWN:
+        return PageError(f"{name}: unknown sequence id {seq} (never created by this pool)")
+    if rc == CPA_POOL_EFREED:
+        return PageError(f"{name}: sequence id {seq} was freed")
+    if rc == CPA_POOL_ENOMEM:
+        return MemoryError("PagePool: cannot allocate sequence metadata")
+    return RuntimeError(f"cpuattn internal error: pool status {rc}")
+
+
+cdef class PagePool:
+    """A paged KV cache: page storage and page chains in C memory.
+
+    ``PagePool(num_pages, page_size, num_kv_heads, head_dim, dtype="float32")``
+
+    K and V storage each have shape ``(num_pages, page_size, num_kv_heads,
+    head_dim)`` in ``dtype`` (float32, float64, float16, or bfloat16, which
+    needs ``ml_dtypes``), one 64-byte aligned, zero-initialised allocation
+    each. Sequences are chains of pages; pages are reference counted, so
+    ``fork`` shares them and a write into a shared partial last page copies it
+    first (copy-on-write). Sequence ids are never reused: a freed or unknown
+    id raises ``PageError``.
+
+    Attributes:
+        num_pages, page_size, num_kv_heads, head_dim: the constructor's ints.
+        dtype: the pool's numpy dtype.
+        num_free_pages: pages on the free list now.
+        nbytes: bytes of K plus V storage.
+        k_pages, v_pages: zero-copy writable numpy views of the storage,
+            ``(num_pages, page_size, num_kv_heads, head_dim)``, for the
+            functional API (``cpuattn.paged_attention``); they keep the pool's
+            memory alive.
+
+    All methods may be called from several threads at once; each is atomic.
+    An ``attention`` call pins the pages it reads, so a sequence freed or
+    truncated meanwhile keeps its pages until the call returns.
+
+    Raises:
+        ShapeError: a size argument is not an int in ``[1, 2**31 - 1]``, or
+            the storage size overflows the address space.
+        DTypeError: unsupported ``dtype`` (or bfloat16 without ml_dtypes).
+        MemoryError: the storage cannot be allocated.
+    """
+    cdef cpa_pool *_p
+    cdef readonly int64_t num_pages, page_size, num_kv_heads, head_dim
+    cdef readonly object dtype
+    cdef int64_t _side_bytes
+
+    def __cinit__(self, num_pages, page_size, num_kv_heads, head_dim, dtype="float32"):
+        dims = [_positive_int(x, name) for x, name in (
+            (num_pages, "num_pages"), (page_size, "page_size"),
+            (num_kv_heads, "num_kv_heads"), (head_dim, "head_dim"))]
+        self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = dims
+        self.dtype = _pool_dtype(dtype)
+        side = self.dtype.itemsize  # a Python int product: cannot overflow
+        for d in dims:
+            side *= d
+        if side > sys.maxsize - 64:
+            raise ShapeError(
+                f"PagePool: num_pages * page_size * num_kv_heads * head_dim * itemsize = "
+                f"{side} bytes per K/V storage exceeds the address space ({sys.maxsize})")
+        self._side_bytes = side
+        self._p = cpa_pool_new(self.num_pages, self.page_size, self.num_kv_heads,
+                               self.head_dim, self.dtype.itemsize)
+        if self._p == NULL:
+            raise MemoryError(f"PagePool: cannot allocate 2 x {side} bytes of page storage")
+
+    def __dealloc__(self):
+        cpa_pool_destroy(self._p)
+
+    def __repr__(self):
+        return (f"PagePool(num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dtype='{self.dtype.name}', free_pages={self.num_free_pages}, "
+                f"sequences={cpa_pool_num_alive(self._p)})")
+
+    @property
+    def num_free_pages(self):
+        """Number of pages on the free list."""
+        cdef int64_t n
+        with nogil:
+            n = cpa_pool_num_free(self._p)
+        return n
+
+    @property
+    def nbytes(self):
+        """Bytes of page storage, K and V together."""
+        return 2 * self._side_bytes
+
+    cdef object _view(self, char *data):
+        cdef cnp.npy_intp n = self._side_bytes
+        cdef cnp.ndarray raw = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_UINT8, data)
+        cnp.set_array_base(raw, self)  # the view owns a reference to the pool
+        return raw.view(self.dtype).reshape(
+            (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim))
+
+    @property
+    def k_pages(self):
+        """Zero-copy view of the K storage, ``(num_pages, page_size, num_kv_heads, head_dim)``."""
+        return self._view(self._p.k)
+
+    @property
+    def v_pages(self):
+        """Zero-copy view of the V storage, ``(num_pages, page_size, num_kv_heads, head_dim)``."""
+        return self._view(self._p.v)
+
+    def create_sequence(self):
+        """A new empty sequence; returns its id (an int, never reused)."""
+        cdef int64_t sid = 0
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_create_seq(self._p, &sid)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, None)
+        return sid
+
+    def seq_len(self, seq):
+        """Number of tokens in sequence ``seq``. PageError if unknown or freed."""
+        cdef int64_t sid = _seq_id(seq), length = 0
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_seq_len(self._p, sid, &length)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+        return length
+
+    def _rows(self, x, name):
+        """x as contiguous (n, num_kv_heads, head_dim) rows in the pool dtype.
+        Conversion rounds to nearest even (numpy / ml_dtypes casts)."""
+        arr = V.as_array(x, name)
+        layout = f"(n, {self.num_kv_heads}, {self.head_dim})"
+        V.check_ndim(arr, name, 3, layout)
+        if arr.shape[1:] != (self.num_kv_heads, self.head_dim):
+            raise ShapeError(f"{name}: expected shape {layout}, got {arr.shape}")
+        if arr.shape[0] > V.INDEX_MAX:  # before the conversion copies it
+            raise ShapeError(f"{name}: a sequence would exceed {V.INDEX_MAX} tokens "
+                             f"with {arr.shape[0]} rows")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def append(self, seq, k, v):
+        """Append tokens to sequence ``seq``.
+
+        Args:
+            seq: sequence id.
+            k, v: ``(n, num_kv_heads, head_dim)``, float32, float64, float16 or
+                bfloat16 (any strides); converted to the pool dtype with
+                round-to-nearest-even.
+
+        Takes free pages as needed; if the last page is partial and shared
+        (by a fork, or pinned by a running ``attention`` call), it is copied
+        to a fresh page first. All-or-nothing: on any error nothing changes.
+
+        Raises:
+            PageError: unknown or freed ``seq``.
+            ShapeError / DTypeError: bad ``k`` or ``v``, or the sequence
+                would exceed 2**31 - 1 tokens.
+            PoolFullError: fewer free pages than the append needs.
+        """
+        cdef int64_t sid = _seq_id(seq), n, need = 0
+        cdef int rc
+        ka, va = self._rows(k, "k"), self._rows(v, "v")
+        if ka.shape[0] != va.shape[0]:
+            raise ShapeError(f"v: expected {ka.shape[0]} rows (as k), got {va.shape[0]}")
+        n = ka.shape[0]
+        cdef const char *kp = <const char *>cnp.PyArray_DATA(ka)
+        cdef const char *vp = <const char *>cnp.PyArray_DATA(va)
+        with nogil:
+            rc = cpa_pool_append(self._p, sid, kp, vp, n, &need)
+        if rc == CPA_POOL_EFULL:
+            raise PoolFullError(
+                f"append: sequence {seq} needs {need} free pages for {n} tokens "
+                f"(page_size {self.page_size}), the pool has {self.num_free_pages} "
+                f"of {self.num_pages} free")
+        if rc == CPA_POOL_ETOOLONG:
+            raise ShapeError(f"k: sequence {seq} would exceed {V.INDEX_MAX} tokens "
+                             f"with {n} more")
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+
+    def fork(self, seq):
+        """A new sequence sharing all of ``seq``'s pages (reference counted);
+        returns its id. Appends to either copy the shared partial last page
+        first, so neither sees the other's new tokens. PageError if ``seq`` is
+        unknown or freed."""
+        cdef int64_t sid = _seq_id(seq), new = 0
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_fork(self._p, sid, &new)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+        return new
+
+    def truncate(self, seq, length):
+        """Keep the first ``length`` tokens of ``seq``; pages no longer used are
+        released (to the free list once no other sequence or pin holds them).
+        Returns None.
+
+        Raises:
+            PageError: unknown or freed ``seq``.
+            ShapeError: ``length`` is not an int in ``[0, seq_len(seq)]``
+                (never clamped).
+        """
+        cdef int64_t sid = _seq_id(seq), cur = 0, ln
+        cdef int rc
+        if isinstance(length, (bool, np.bool_)) or not isinstance(length, numbers.Integral) \
+                or not 0 <= length <= _INT64_MAX:
+            raise ShapeError(f"length: expected an int >= 0, got {length!r}")
+        ln = length
+        with nogil:
+            rc = cpa_pool_truncate(self._p, sid, ln, &cur)
+        if rc == CPA_POOL_ELEN:
+            raise ShapeError(f"length: expected at most seq_len ({cur}) of sequence {seq}, "
+                             f"got {length}")
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+
+    def free_sequence(self, seq):
+        """Free sequence ``seq``: its id becomes invalid and each of its pages
+        goes back to the free list once no other sequence or running
+        ``attention`` call holds it. PageError if unknown or already freed."""
+        cdef int64_t sid = _seq_id(seq)
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_free_seq(self._p, sid)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+
+    def pages(self, seq):
+        """The page chain of ``seq``: int32 ``(ceil(seq_len / page_size),)``, a
+        copy. PageError if unknown or freed."""
+        cdef int64_t sid = _seq_id(seq), npages = 0
+        cdef int rc = CPA_POOL_ERETRY
+        cdef int64_t cap
+        cdef cnp.ndarray out = None
+        cdef int32_t *data
+        while rc == CPA_POOL_ERETRY:  # the chain may grow between calls
+            out = np.empty(npages, np.int32)
+            data, cap = <int32_t *>cnp.PyArray_DATA(out), npages
+            with nogil:
+                rc = cpa_pool_pages(self._p, sid, data, cap, &npages)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+        return out[:npages]
+
+    def gather(self, seq):
+        """Contiguous copies ``(k, v)`` of sequence ``seq``, each
+        ``(seq_len, num_kv_heads, head_dim)`` in the pool dtype. PageError if
+        unknown or freed."""
+        cdef int64_t sid = _seq_id(seq), length = 0
+        cdef int rc = CPA_POOL_ERETRY
+        cdef int64_t cap
+        cdef cnp.ndarray k = None, v = None
+        cdef char *kp
+        cdef char *vp
+        while rc == CPA_POOL_ERETRY:  # the sequence may grow between calls
+            shape = (length, self.num_kv_heads, self.head_dim)
+            k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
+            kp, vp, cap = <char *>cnp.PyArray_DATA(k), <char *>cnp.PyArray_DATA(v), length
+            with nogil:
+                rc = cpa_pool_gather(self._p, sid, kp, vp, cap, &length)
+        if rc != CPA_POOL_OK:
+            raise _seq_error(rc, seq)
+        return k[:length], v[:length]
+
+    def _seq_ids(self, seqs):
+        if isinstance(seqs, np.ndarray):
+            if seqs.ndim != 1:
+                raise ShapeError(f"seqs: expected a 1-D list of sequence ids, got shape "
+                                 f"{seqs.shape}")
+            seqs = seqs.tolist()
+        try:
+            items = list(seqs)
+        except TypeError:
+            raise ShapeError(f"seqs: expected a list of sequence ids, got "
+                             f"{type(seqs).__name__}") from None
+        return np.array([_seq_id(s, f"seqs[{i}]") for i, s in enumerate(items)],
+                        dtype=np.int64).reshape(-1)
+
+    def _table(self, cnp.ndarray ids, bint pin):
+        cdef int64_t n = ids.shape[0], width = 0, bad = 0
+        cdef int rc = CPA_POOL_ERETRY
+        cdef int64_t cap
+        cdef cnp.ndarray table = None, lens = np.empty(n, np.int32)
+        cdef const int64_t *idp = <const int64_t *>cnp.PyArray_DATA(ids)
+        cdef int32_t *lp = <int32_t *>cnp.PyArray_DATA(lens)
+        cdef int32_t *tp
+        while rc == CPA_POOL_ERETRY:  # chains may grow between calls
+            table = np.empty((n, width), np.int32)
+            tp, cap = <int32_t *>cnp.PyArray_DATA(table), width
+            with nogil:
+                rc = cpa_pool_block_table(self._p, idp, n, pin, tp, cap, lp, &width, &bad)
+        if rc != CPA_POOL_OK:
+            i = int(np.flatnonzero(ids == bad)[0])
+            raise _seq_error(rc, bad, f"seqs[{i}]")
+        return table, lens
+
+    def block_table(self, seqs):
+        """Arrays for the functional API (``cpuattn.paged_attention``).
+
+        Args:
+            seqs: sequence ids (list, tuple or 1-D integer array), ``batch`` of
+                them; repeats allowed.
+
+        Returns:
+            ``(block_table, seq_lens)``: int32 ``(batch, max_pages)`` with
+            ``max_pages = max(1, longest chain)``, row ``b`` the page chain of
+            ``seqs[b]`` then -1 in unused slots; int32 ``(batch,)`` lengths.
+            A snapshot: later appends or frees do not change it, and nothing
+            keeps its pages from being reused (``attention`` pins them).
+
+        Raises:
+            PageError: an id is not an int, unknown or freed.
+        """
+        return self._table(self._seq_ids(seqs), False)
+
+    def attention(self, q, seqs, *, cu_seqlens_q=None, causal=True, scale=None,
+                  window=(-1, -1), softcap=0.0, return_lse=False):
+        """Paged attention over the listed sequences, as
+        ``cpuattn.paged_attention(q, k_pages, v_pages, *block_table(seqs), ...)``.
+
+        Args:
+            q: ``(batch, num_heads, head_dim)`` (one decode query per sequence,
+                at its last position) or, with ``cu_seqlens_q``,
+                ``(total_q, num_heads, head_dim)``: sequence ``b``'s queries are
+                its last ``cu[b+1] - cu[b]`` positions. float32/float64/
+                float16/bfloat16; may differ from the pool dtype.
+            seqs: ``batch`` sequence ids; their K/V must already include the
+                queries' own tokens (append first).
+            cu_seqlens_q, causal, scale, window, softcap, return_lse: as in
+                ``cpuattn.paged_attention``.
+
+        Returns:
+            ``out`` ``(rows, num_heads, head_dim)`` in q's dtype, or
+            ``(out, lse)`` with lse ``(num_heads, rows)``.
+
+        The pages the call reads are pinned (reference counted) for its whole
+        duration, so another thread may free, truncate or append to these
+        sequences meanwhile: the call reads the state of when it started.
+
+        Raises:
+            PageError: a sequence id is not an int, unknown or freed.
+            ShapeError / DTypeError: as ``cpuattn.paged_attention``.
+        """
+        ids = self._seq_ids(seqs)
+        from . import paged  # imported here: cpuattn.paged imports the package
+        table, lens = self._table(ids, True)
+        try:
+            # Read-only: the unpin below trusts these arrays to be what was pinned.
+            table.flags.writeable = False
+            lens.flags.writeable = False
+            return paged.paged_attention(q, self.k_pages, self.v_pages, table, lens,
+                                         cu_seqlens_q=cu_seqlens_q, causal=causal, scale=scale,
+                                         window=window, softcap=softcap, return_lse=return_lse)
+        finally:
+            self._unpin(table, lens)
+
+    def _unpin(self, cnp.ndarray table, cnp.ndarray lens):
+        cdef const int32_t *t = <const int32_t *>cnp.PyArray_DATA(table)
+        cdef const int32_t *l = <const int32_t *>cnp.PyArray_DATA(lens)
+        cdef int64_t n = table.shape[0], width = table.shape[1]
+        with nogil:
+            cpa_pool_unpin(self._p, t, n, width, l)
+
+    def _refcounts(self):
+        """Per-page reference counts (chain references + pins), int32 copy."""
+        cdef cnp.ndarray out = np.empty(self.num_pages, np.int32)
+        with nogil:
+            cpa_pool_refcounts(self._p, <int32_t *>cnp.PyArray_DATA(out))
+        return out
+
+    def _check_invariants(self):
+        """None, or AssertionError naming the first broken invariant: free +
+        referenced pages = total, each refcount = chain references + pins, no
+        free page referenced or listed twice, chain lengths match seq_len."""
+        cdef char msg[256]
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_check(self._p, msg, sizeof(msg))
+        if rc:
+            raise AssertionError("PagePool invariant: " + msg.decode())
