@@ -152,3 +152,16 @@ def check_out(out, shape, dtype, inputs, name="out"):
                 if not same:
                     raise ShapeError(f"{name}: must not overlap {nm}")
     return out
+
+
+def prepare_outputs(out, shape, q, inputs, return_lse, lse_shape):
+    """The output array (allocated, or the caller's checked one) and the lse
+    array (float32; float64 for float64 q) or None."""
+    if out is None:
+        out = np.empty(shape, dtype=q.dtype)
+    else:
+        check_out(out, shape, q.dtype, inputs)
+    lse = None
+    if return_lse:
+        lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+    return out, lse

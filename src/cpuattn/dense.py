@@ -6,10 +6,6 @@ from . import _validate as V
 from .errors import DTypeError, ShapeError
 
 
-def _lse_dtype(q):
-    return np.float64 if q.dtype == np.float64 else np.float32
-
-
 def _check_dense_dtypes(q, k, v):
     code = V.dtype_code(q, "q")
     for name, a in (("k", k), ("v", v)):
@@ -79,12 +75,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         if n > V.INDEX_MAX:
             raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
-    shape = (b, sq, h, dv)
-    if out is None:
-        out = np.empty(shape, dtype=q.dtype)
-    else:
-        V.check_out(out, shape, q.dtype, [("q", q, True), ("k", k, False), ("v", v, False)])
-    lse = np.empty((b, h, sq), dtype=_lse_dtype(q)) if return_lse else None
+    out, lse = V.prepare_outputs(out, (b, sq, h, dv), q,
+                                 [("q", q, True), ("k", k, False), ("v", v, False)],
+                                 return_lse, (b, h, sq))
     if out.size or (lse is not None and lse.size):
         qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
         idx = np.arange(b, dtype=np.int64)
@@ -129,12 +122,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
                          f"got {cuk.shape}")
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
-    shape = (total, h, dv)
-    if out is None:
-        out = np.empty(shape, dtype=q.dtype)
-    else:
-        V.check_out(out, shape, q.dtype, [("q", q, True), ("k", k, False), ("v", v, False)])
-    lse = np.empty((h, total), dtype=_lse_dtype(q)) if return_lse else None
+    out, lse = V.prepare_outputs(out, (total, h, dv), q,
+                                 [("q", q, True), ("k", k, False), ("v", v, False)],
+                                 return_lse, (h, total))
     if total:
         qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
         _forward.forward(

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _forward
 from . import _validate as V
-from .dense import _check_kv, _lse_dtype
+from .dense import _check_kv
 from .errors import DTypeError, PageError, ShapeError
 
 
@@ -123,13 +123,9 @@ def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=
                          f"is {lens[b]} (its queries are its last positions)")
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
-    shape = (total, h, dv)
-    if out is None:
-        out = np.empty(shape, dtype=q.dtype)
-    else:
-        V.check_out(out, shape, q.dtype,
-                    [("q", q, True), ("k_pages", k_pages, False), ("v_pages", v_pages, False)])
-    lse = np.empty((h, total), dtype=_lse_dtype(q)) if return_lse else None
+    out, lse = V.prepare_outputs(out, (total, h, dv), q,
+                                 [("q", q, True), ("k_pages", k_pages, False),
+                                  ("v_pages", v_pages, False)], return_lse, (h, total))
     if total:
         qs, ks, vs, os_ = V.estrides(q), V.estrides(k_pages), V.estrides(v_pages), V.estrides(out)
         zeros = np.zeros(batch, dtype=np.int64)
