@@ -80,6 +80,7 @@ def ext(name, *csources):
 extensions = [
     ext("_threads", "platform.c"),
     ext("_forward", "forward.c", "platform.c"),
+    ext("_backward", "backward.c", "platform.c"),
 ]
 
 setup(
