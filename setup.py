@@ -84,6 +84,7 @@ extensions = [
     ext("_forward", "forward.c", "platform.c"),
     ext("_roofline"),
     ext("_pool", "pool.c"),
+    ext("_backward", "backward.c", "platform.c"),
 ]
 
 setup(

@@ -5,6 +5,7 @@ function's docstring. Integrations (``cpuattn.torch``,
 ``cpuattn.integrations.hf``) are imported on demand only.
 """
 from . import _threads
+from .backward import attention_backward, attention_varlen_backward, paged_attention_backward
 from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
 from ._pool import PagePool
@@ -35,7 +36,7 @@ def info():
 
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
-    "PagePool",
+    "PagePool", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]

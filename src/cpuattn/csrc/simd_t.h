@@ -6,6 +6,9 @@
  * Expects: T (float|double), T_IS_F64 (0|1), TTAG, ISA_TAG, VBYTES, MR, NV.
  * Defines (and forward_body.h uses): V, VI, VL, NVL, TN(...) names.
  */
+#if defined(__x86_64__)
+#include <immintrin.h>   /* include-guarded: harmless on re-inclusion */
+#endif
 #undef V
 #undef VI
 #undef VL

@@ -1,0 +1,286 @@
+"""Backward passes: dense, packed (varlen) and paged attention gradients.
+
+FlashAttention-2 recomputation from the forward's lse: ``P = exp(S - lse)``,
+``Di = rowsum(dO * O)``, ``dS = P * (dP - Di)``, ``dV = P^T dO``,
+``dK = scale * dS^T Q``, ``dQ = scale * dS K``. The engine (csrc/backward.c)
+computes in float32, or float64 for float64 input; float16/bfloat16 inputs
+are converted to float32 here and the gradients converted back.
+"""
+import numpy as np
+
+from . import _backward
+from . import _validate as V
+from .dense import _check_dense_dtypes, _check_kv
+from .errors import DTypeError, PageError, ShapeError
+
+
+def _compute_dtype(dtype):
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def _check_like(arr, name, shape, dtype, layout):
+    """dout/out: the forward output's shape and q's dtype."""
+    if arr.shape != tuple(shape):
+        raise ShapeError(f"{name}: expected shape {tuple(shape)} {layout}, got {arr.shape}")
+    if arr.dtype != dtype:
+        raise DTypeError(f"{name}: expected dtype {dtype} (as q), got {arr.dtype}")
+
+
+def _check_lse(lse, shape, q_dtype, layout):
+    lse = V.as_array(lse, "lse")
+    want = np.dtype(_compute_dtype(q_dtype))
+    if lse.dtype != want:
+        raise DTypeError(f"lse: expected dtype {want} for {np.dtype(q_dtype)} input "
+                         f"(as returned by the forward), got {lse.dtype}")
+    if lse.shape != tuple(shape):
+        raise ShapeError(f"lse: expected shape {tuple(shape)} {layout}, got {lse.shape}")
+    return lse
+
+
+def _run(arrays, packed, dims, opts, q_start, k_start, q_len, k_len):
+    """Convert to the compute dtype, allocate gradients, run the engine.
+
+    arrays: dict of dout, q, k, v, out, lse (validated). packed: 3-D token
+    layout (batch strides 0) instead of 4-D dense. Returns (dq, dk, dv) in the
+    compute dtype.
+    """
+    ct = _compute_dtype(arrays["q"].dtype)
+    a = {n: (x if x.dtype == ct else x.astype(ct)) for n, x in arrays.items()}
+    dq = np.empty(a["q"].shape, ct)
+    dk = np.empty(a["k"].shape, ct)
+    dv = np.empty(a["v"].shape, ct)
+    di = np.empty(a["lse"].shape, ct)
+    strides = {}
+    for name, x in list(a.items()) + [("di", di), ("dq", dq), ("dk", dk), ("dv", dv)]:
+        s = V.estrides(x)
+        if name in ("lse", "di"):   # dense (batch, heads, tokens), packed (heads, tokens)
+            strides[name] = (0, s[1], s[0]) if packed else (s[0], s[2], s[1])
+        else:               # dense (batch, tokens, heads, dim), packed (tokens, heads, dim)
+            strides[name] = (0, s[0], s[1]) if packed else (s[0], s[1], s[2])
+    scale, left, right, softcap, causal = opts
+    if dq.size or dk.size or dv.size:
+        _backward.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], di, dq, dk, dv,
+                           strides, dims, scale, softcap, causal, left, right,
+                           q_start, k_start, q_len, k_len)
+    return dq, dk, dv
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
+                       softcap=0.0):
+    """Gradients of :func:`cpuattn.attention` with respect to q, k and v.
+
+    Args:
+        dout: ``(batch, seq_q, num_heads, head_dim_v)``, gradient of the output.
+        q: ``(batch, seq_q, num_heads, head_dim)``.
+        k: ``(batch, seq_k, num_kv_heads, head_dim)``.
+        v: ``(batch, seq_k, num_kv_heads, head_dim_v)``.
+        out: ``(batch, seq_q, num_heads, head_dim_v)``, the forward output.
+        lse: ``(batch, num_heads, seq_q)``, float32 (float64 for float64
+            input), as returned by ``cpuattn.attention(..., return_lse=True)``.
+            dout, q, k, v and out share one dtype: float32, float64, float16 or
+            bfloat16. Any strides work as long as the last axis is contiguous.
+        causal, scale, window, softcap: the options of the forward call.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like q, k, v, in their dtype; dk/dv are summed
+        over the query heads of each KV group. Rows that saw no key (lse
+        ``-inf``) get zero gradients, and keys no row sees get zero dk/dv.
+
+    Compute is float32 (float64 for float64 input). float16/bfloat16 inputs
+    are converted to float32 copies first and the gradients rounded back.
+    Memory beyond inputs and gradients is O(threads x tile); the result is
+    bitwise identical for any thread count. Raises ShapeError / DTypeError on
+    bad input.
+    """
+    dout, q, k, v, out = (V.as_array(x, n) for x, n in
+                          ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
+    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    _check_dense_dtypes(q, k, v)
+    b, sq = q.shape[:2]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
+    sk = k.shape[1]
+    if v.shape[1] != sk:
+        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
+    h, hkv, d, dv = _check_kv(q, k, v, 2)
+    for name, n in (("seq_q", sq), ("seq_k", sk)):
+        if n > V.INDEX_MAX:
+            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
+    layout = "(batch, seq_q, num_heads, head_dim_v)"
+    _check_like(out, "out", (b, sq, h, dv), q.dtype, layout)
+    _check_like(dout, "dout", (b, sq, h, dv), q.dtype, layout)
+    lse = _check_lse(lse, (b, h, sq), q.dtype, "(batch, num_heads, seq_q)")
+    opts = V.check_options(scale, window, softcap, causal, d)
+    zeros = np.zeros(b, dtype=np.int64)
+    dq, dk, dv_ = _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), False, (h, hkv, d, dv),
+                       opts, zeros, zeros, np.full(b, sq, np.int64), np.full(b, sk, np.int64))
+    return dq.astype(q.dtype, copy=False), dk.astype(q.dtype, copy=False), \
+        dv_.astype(q.dtype, copy=False)
+
+
+def _varlen(dout, q, k, v, out, lse, cuq, cuk, opts):
+    """Packed backward on validated 3-D arrays; gradients in the compute dtype."""
+    h, hkv, d, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    return _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), True, (h, hkv, d, dv), opts,
+                cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              causal=False, scale=None, window=(-1, -1), softcap=0.0):
+    """Gradients of :func:`cpuattn.attention_varlen` with respect to q, k and v.
+
+    Args:
+        dout, out: ``(total_q, num_heads, head_dim_v)``.
+        q: ``(total_q, num_heads, head_dim)``; k: ``(total_k, num_kv_heads,
+            head_dim)``; v: ``(total_k, num_kv_heads, head_dim_v)``; one dtype.
+        lse: ``(num_heads, total_q)`` float32 (float64 for float64 input), as
+            returned by ``attention_varlen(..., return_lse=True)``.
+        cu_seqlens_q, cu_seqlens_k: integer ``(batch + 1,)`` as in the forward.
+        causal, scale, window, softcap: the options of the forward call.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like q, k, v in their dtype. Otherwise as
+        :func:`attention_backward` (per-sequence masks, bottom-right causal).
+    """
+    dout, q, k, v, out = (V.as_array(x, n) for x, n in
+                          ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
+    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
+    _check_dense_dtypes(q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
+    h, hkv, d, dv = _check_kv(q, k, v, 1)
+    total = q.shape[0]
+    layout = "(total_q, num_heads, head_dim_v)"
+    _check_like(out, "out", (total, h, dv), q.dtype, layout)
+    _check_like(dout, "dout", (total, h, dv), q.dtype, layout)
+    lse = _check_lse(lse, (h, total), q.dtype, "(num_heads, total_q)")
+    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total)
+    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if cuq.shape != cuk.shape:
+        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
+                         f"got {cuk.shape}")
+    opts = V.check_options(scale, window, softcap, causal, d)
+    grads = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
+    return tuple(g.astype(q.dtype, copy=False) for g in grads)
+
+
+def _check_paged(k_pages, v_pages, block_table, seq_lens):
+    """Pages, block table and lengths as in ``paged_attention``; returns
+    (k_pages, v_pages, block_table int64, seq_lens int64)."""
+    k_pages, v_pages = V.as_array(k_pages, "k_pages"), V.as_array(v_pages, "v_pages")
+    V.check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    V.check_ndim(v_pages, "v_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    if v_pages.dtype != k_pages.dtype:
+        raise DTypeError(f"v_pages: expected the dtype of k_pages ({k_pages.dtype}), "
+                         f"got {v_pages.dtype}")
+    if v_pages.shape[:3] != k_pages.shape[:3]:
+        raise ShapeError(f"v_pages: expected (num_pages, page_size, num_kv_heads) "
+                         f"{k_pages.shape[:3]} (as k_pages), got {v_pages.shape[:3]}")
+    num_pages, page_size = k_pages.shape[:2]
+    if page_size < 1:
+        raise ShapeError(f"k_pages: page_size must be >= 1, got {page_size}")
+    bt = V.check_index_array(block_table, "block_table", 2)
+    lens = V.check_index_array(seq_lens, "seq_lens", 1, bt.shape[0])
+    if lens.size and lens.min() < 0:
+        b = int(np.argmin(lens))
+        raise ShapeError(f"seq_lens: expected lengths >= 0, got {lens[b]} for sequence {b}")
+    npages = (lens + page_size - 1) // page_size
+    if npages.size and npages.max() > bt.shape[1]:
+        b = int(np.argmax(npages))
+        raise ShapeError(f"seq_lens: sequence {b} has length {lens[b]}, which needs "
+                         f"{npages[b]} pages, but block_table has {bt.shape[1]} columns")
+    used = np.arange(bt.shape[1])[None, :] < npages[:, None]
+    bad = used & ((bt < 0) | (bt >= num_pages))
+    if bad.any():
+        r, c = (int(x[0]) for x in np.nonzero(bad))
+        raise PageError(f"block_table[{r}, {c}]: expected a page id in [0, {num_pages}), "
+                        f"got {bt[r, c]}")
+    return k_pages, v_pages, bt, lens
+
+
+def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, out, lse, *,
+                             cu_seqlens_q=None, causal=True, scale=None, window=(-1, -1),
+                             softcap=0.0):
+    """Gradients of :func:`cpuattn.paged_attention` with respect to q and the pages.
+
+    Args:
+        dout, out: ``(total_q, num_heads, head_dim_v)`` (decode: ``(batch, ...)``).
+        q: decode: ``(batch, num_heads, head_dim)``, one query per sequence at
+            position ``seq_lens[b] - 1``; with ``cu_seqlens_q``: ``(total_q,
+            num_heads, head_dim)``, sequence b's queries are its last
+            ``n_b = cu[b+1] - cu[b]`` positions (``n_b <= seq_lens[b]``).
+        k_pages, v_pages: ``(num_pages, page_size, num_kv_heads, head_dim)``,
+            q's dtype, or float16/bfloat16 pages under float32 q.
+        block_table: int32 ``(batch, max_pages_per_seq)``; entries past
+            ``ceil(seq_lens[b] / page_size)`` are ignored, used entries must be
+            in ``[0, num_pages)`` (else PageError).
+        seq_lens: int32 ``(batch,)``, KV length of each sequence.
+        lse: ``(num_heads, total_q)`` float32 (float64 for float64 q), as
+            returned by the forward with ``return_lse=True``.
+        cu_seqlens_q, causal, scale, window, softcap: as the forward call
+            (``causal`` defaults to True).
+
+    Returns:
+        ``(dq, dk_pages, dv_pages)``: dq like q in q's dtype; dk/dv_pages with
+        the pool's shape and dtype. A page shared by several sequences
+        receives the sum of their gradients; pages (and slots) no sequence
+        uses are 0.
+
+    Each sequence's page chain is gathered into a packed buffer (converted to
+    the compute dtype), the packed backward runs on it, and its dK/dV are
+    added into the page-shaped gradients in sequence order (deterministic).
+    Raises ShapeError / DTypeError / PageError on bad input.
+    """
+    dout, q, out = V.as_array(dout, "dout"), V.as_array(q, "q"), V.as_array(out, "out")
+    V.check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
+    k_pages, v_pages, bt, lens = _check_paged(k_pages, v_pages, block_table, seq_lens)
+    V.dtype_code(q, "q")
+    if (q.dtype == np.float64) != (k_pages.dtype == np.float64):
+        raise DTypeError(f"k_pages: no kernel for q {q.dtype} over {k_pages.dtype} pages "
+                         "(float64 q needs float64 pages and vice versa)")
+    h, hkv, d, dv = _check_kv(q, k_pages, v_pages, 1, "k_pages", "v_pages")
+    num_pages, page_size = k_pages.shape[:2]
+    batch = lens.shape[0]
+    if cu_seqlens_q is None:
+        if q.shape[0] != batch:
+            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {h}, {d}), "
+                             f"got {q.shape}")
+        cuq = np.arange(batch + 1, dtype=np.int64)
+    else:
+        cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+        if cuq.shape[0] != batch + 1:
+            raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
+                             f"sequences, got {cuq.shape}")
+        nq = np.diff(cuq)
+        if np.any(nq > lens):
+            b = int(np.argmax(nq > lens))
+            raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but "
+                             f"seq_lens[{b}] is {lens[b]} (its queries are its last positions)")
+    total = q.shape[0]
+    layout = "(total_q, num_heads, head_dim_v)"
+    _check_like(out, "out", (total, h, dv), q.dtype, layout)
+    _check_like(dout, "dout", (total, h, dv), q.dtype, layout)
+    lse = _check_lse(lse, (h, total), q.dtype, "(num_heads, total_q)")
+    opts = V.check_options(scale, window, softcap, causal, d)
+
+    # (page, slot) of every cached token, sequence after sequence
+    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lens]) if batch else \
+        np.zeros(0, np.int64)
+    seq = np.repeat(np.arange(batch), lens)
+    page = bt[seq, pos // page_size]
+    slot = pos % page_size
+    ct = _compute_dtype(q.dtype)
+    k = k_pages[page, slot].astype(ct, copy=False)
+    v = v_pages[page, slot].astype(ct, copy=False)
+    cuk = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    dq, dk, dv_ = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
+    dk_pages = np.zeros(k_pages.shape, ct)
+    dv_pages = np.zeros(v_pages.shape, ct)
+    np.add.at(dk_pages, (page, slot), dk)
+    np.add.at(dv_pages, (page, slot), dv_)
+    return (dq.astype(q.dtype, copy=False), dk_pages.astype(k_pages.dtype, copy=False),
+            dv_pages.astype(v_pages.dtype, copy=False))
