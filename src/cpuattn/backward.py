@@ -11,7 +11,7 @@ import numpy as np
 from . import _backward
 from . import _validate as V
 from .dense import _check_dense_dtypes, _check_kv
-from .errors import DTypeError, PageError, ShapeError
+from .errors import DTypeError, ShapeError
 
 
 def _compute_dtype(dtype):
@@ -169,36 +169,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 
 def _check_paged(k_pages, v_pages, block_table, seq_lens):
-    """Pages, block table and lengths as in ``paged_attention``; returns
-    (k_pages, v_pages, block_table int64, seq_lens int64)."""
-    k_pages, v_pages = V.as_array(k_pages, "k_pages"), V.as_array(v_pages, "v_pages")
-    V.check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
-    V.check_ndim(v_pages, "v_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
-    if v_pages.dtype != k_pages.dtype:
-        raise DTypeError(f"v_pages: expected the dtype of k_pages ({k_pages.dtype}), "
-                         f"got {v_pages.dtype}")
-    if v_pages.shape[:3] != k_pages.shape[:3]:
-        raise ShapeError(f"v_pages: expected (num_pages, page_size, num_kv_heads) "
-                         f"{k_pages.shape[:3]} (as k_pages), got {v_pages.shape[:3]}")
-    num_pages, page_size = k_pages.shape[:2]
-    if page_size < 1:
-        raise ShapeError(f"k_pages: page_size must be >= 1, got {page_size}")
-    bt = V.check_index_array(block_table, "block_table", 2)
-    lens = V.check_index_array(seq_lens, "seq_lens", 1, bt.shape[0])
-    if lens.size and lens.min() < 0:
-        b = int(np.argmin(lens))
-        raise ShapeError(f"seq_lens: expected lengths >= 0, got {lens[b]} for sequence {b}")
-    npages = (lens + page_size - 1) // page_size
-    if npages.size and npages.max() > bt.shape[1]:
-        b = int(np.argmax(npages))
-        raise ShapeError(f"seq_lens: sequence {b} has length {lens[b]}, which needs "
-                         f"{npages[b]} pages, but block_table has {bt.shape[1]} columns")
-    used = np.arange(bt.shape[1])[None, :] < npages[:, None]
-    bad = used & ((bt < 0) | (bt >= num_pages))
-    if bad.any():
-        r, c = (int(x[0]) for x in np.nonzero(bad))
-        raise PageError(f"block_table[{r}, {c}]: expected a page id in [0, {num_pages}), "
-                        f"got {bt[r, c]}")
+    """Pages, block table and lengths, checked exactly as ``paged_attention``
+    checks them; returns (k_pages, v_pages, block_table, seq_lens int64)."""
+    from .paged import check_block_table, check_pages
+
+    k_pages, v_pages, _ = check_pages(k_pages, v_pages)
+    bt, lens = check_block_table(block_table, seq_lens, *k_pages.shape[:2])
     return k_pages, v_pages, bt, lens
 
 
