@@ -7,7 +7,9 @@ function's docstring. Integrations (``cpuattn.torch``,
 from . import _threads
 from .dense import attention, attention_varlen
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
+from .kvcache import KVCache
 from .reference import reference_attention
+from . import layers  # numpy only; makes ``cpuattn.layers`` available after ``import cpuattn``
 
 __version__ = "0.1.0"
 
@@ -32,7 +34,7 @@ def info():
 
 
 __all__ = [
-    "attention", "attention_varlen", "reference_attention",
+    "attention", "attention_varlen", "reference_attention", "KVCache",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]
