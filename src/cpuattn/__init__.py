@@ -10,7 +10,9 @@ from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
 from ._pool import PagePool
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
+from .kvcache import KVCache
 from .reference import reference_attention
+from . import layers  # numpy only; makes ``cpuattn.layers`` available after ``import cpuattn``
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ def info():
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
     "PagePool", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
+    "KVCache", "layers",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]

@@ -1,0 +1,193 @@
+"""transformers backend: attn_implementation="cpuattn" against "eager"."""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cpuattn.integrations.hf as cpuattn_hf  # noqa: E402
+from cpuattn import CpuAttnError, ShapeError  # noqa: E402
+
+VOCAB = 128
+
+
+def make_models(num_kv_heads=2):
+    """The same tiny random Llama twice: eager and cpuattn."""
+    cpuattn_hf.register()
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, vocab_size=VOCAB, max_position_embeddings=128,
+        pad_token_id=0, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    # each model needs its own config: from_config writes _attn_implementation into it
+    eager = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
+    ours.load_state_dict(eager.state_dict())
+    assert ours.config._attn_implementation == "cpuattn"
+    assert eager.config._attn_implementation == "eager"
+    return eager, ours
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_models()
+
+
+def left_padded(lengths, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_register_installs_mask_function():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    assert cpuattn_hf.register() == "cpuattn"
+    assert AttentionInterface._global_mapping["cpuattn"] is cpuattn_hf.attention_forward
+    # without a mask function transformers passes no mask at all (transformers#45811)
+    assert "cpuattn" in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_single_sequence_logits(num_kv_heads):
+    eager, ours = make_models(num_kv_heads)
+    ids = torch.randint(0, VOCAB, (1, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_logits(models):
+    eager, ours = models
+    ids, mask = left_padded([11, 4, 8], 11)
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = ours(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_right_padded_batch_logits(models):
+    eager, ours = models
+    ids, mask = left_padded([9, 3], 9, seed=2)
+    ids, mask = ids.flip(1), mask.flip(1)
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = ours(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_identical(models):
+    eager, ours = models
+    ids, mask = left_padded([7, 3, 5], 7, seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        want = eager.generate(ids, **kw)
+        got = ours.generate(ids, **kw)
+    assert want.shape == (3, 19)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():                               # no padding: the mask-free path
+        one = ids[:1]
+        torch.testing.assert_close(ours.generate(one, max_new_tokens=8, do_sample=False),
+                                   eager.generate(one, max_new_tokens=8, do_sample=False),
+                                   rtol=0, atol=0)
+
+
+def test_causal(models):
+    _, ours = models
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 7) % VOCAB
+    with torch.no_grad():
+        a, b = ours(ids).logits, ours(changed).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_unsupported_masks_raise():
+    q = torch.randn(2, 4, 5, 8)
+    k = v = torch.randn(2, 2, 5, 8)
+    module = torch.nn.Module()
+    mask = torch.rand(2, 1, 5, 5) > 0.5                 # arbitrary pattern
+    mask[:, :, :, 0] = True
+    with pytest.raises(ShapeError, match="not of that form"):
+        cpuattn_hf.attention_forward(module, q, k, v, mask)
+    with pytest.raises(ShapeError, match="bias"):
+        cpuattn_hf.attention_forward(module, q, k, v, torch.randn(2, 1, 5, 5))
+    with pytest.raises(CpuAttnError, match="dropout"):
+        cpuattn_hf.attention_forward(module, q, k, v, None, dropout=0.1)
+
+
+def test_masks_match_sdpa_semantics():
+    """Direct calls: bool and additive masks, padding and windows vs torch SDPA."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    i, j = torch.arange(6)[:, None] + 3, torch.arange(9)
+    causal = j <= i
+    pad = torch.tensor([[0] * 2 + [1] * 7, [1] * 9]).bool()
+    window = j > i - 4
+    for m, sw in ((causal & pad[:, None, None], None), (causal & window, 4)):
+        m = m.expand(2, 1, 6, 9)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=m)
+        for mask in (m, torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)):
+            got, w = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, mask,
+                                                  sliding_window=sw)
+            assert w is None and got.shape == (2, 6, 4, 8)
+            torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_raises_instead_of_silent_zero_grad():
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    k = v = torch.randn(1, 2, 3, 4)
+    out, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None)
+    with pytest.raises(CpuAttnError, match="inference-only"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1e-2), ("float64", 1e-6)])
+def test_half_and_double_tensors(dtype, tol):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 8, generator=g).to(dt)
+    k, v = (torch.randn(2, 2, 7, 8, generator=g).to(dt) for _ in range(2))
+    m = torch.ones(2, 1, 5, 7, dtype=torch.bool).tril(2)
+    m[1, :, :, :2] = False                              # left padding on row 1
+    got, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, m)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
+        attn_mask=m).transpose(1, 2)
+    assert got.dtype == dt
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_sliding_window_model():
+    """Mistral-style sliding window (mask and window kwarg), left-padded."""
+    cpuattn_hf.register()
+    cfg = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4, pad_token_id=0)
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids, mask = left_padded([12, 7], 12, seed=7)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = ours(ids, attention_mask=mask).logits
+        torch.testing.assert_close(b[mask.bool()], a[mask.bool()], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
+                                   rtol=0, atol=0)
