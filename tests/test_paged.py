@@ -160,3 +160,25 @@ def test_bad_input_raises_documented_error(rng):
             cpuattn.paged_attention(args.pop("q"), args.pop("k_pages"), args.pop("v_pages"),
                                     args.pop("block_table"), args.pop("seq_lens"), **args)
         assert isinstance(info.value, CpuAttnError)
+
+
+@pytest.mark.parametrize("hkv,g,nq", [(9, 1, 1), (12, 2, 2), (16, 3, 1), (3, 8, 1), (10, 2, 4),
+                                      (1, 5, 1), (2, 1, 7)])
+@pytest.mark.parametrize("opts", [{}, {"window": (300, -1), "softcap": 5.0},
+                                  {"causal": False, "window": (2, 1)}], ids=str)
+def test_decode_kernel_head_groups(rng, each_isa, hkv, g, nq, opts):
+    """The decode kernel (g * nq <= 8 query rows per kv head) takes up to 8 kv
+    heads per work item: partial last groups, split-KV boundaries, queries
+    hidden from some keys (nq > 1, windows) and stale NaN/inf slots."""
+    lens = np.array([nq, 511, 1025, 0, 77], np.int32)
+    kp, vp, bt, lens = make_pages(rng, lens, 16, hkv, 40)
+    nqs = np.minimum(lens, nq)
+    cu = np.concatenate([[0], np.cumsum(nqs)]).astype(np.int32)
+    q = randn(rng, (cu[-1], hkv * g, 40))
+    out, lse = cpuattn.paged_attention(q, kp, vp, bt, lens, cu_seqlens_q=cu, return_lse=True, **opts)
+    ref, ref_lse = ref_paged(q, kp, vp, bt, lens, cu, **opts)
+    np.testing.assert_allclose(out, ref, **tol(np.float32))
+    seen = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), ~seen)
+    np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(np.float32))
+    assert np.all(out[~seen.T] == 0)

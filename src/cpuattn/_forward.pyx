@@ -43,11 +43,11 @@ cdef extern from "forward.h" nogil:
         int64_t bt_stride, page_size
     ctypedef struct cpa_fwd_item:
         int64_t seq, slot
-        int32_t kvh, qblock
+        int32_t kvh, nkvh, qblock
         int64_t key_lo, key_hi
     ctypedef struct cpa_fwd_merge:
         int64_t seq, slot0
-        int32_t kvh, nsplit
+        int32_t kvh, nkvh, nsplit
     ctypedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *, char *) noexcept nogil
     int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
                          int64_t *n_merges, int64_t *n_slots)
@@ -144,7 +144,7 @@ cdef void run(cpa_fwd_args *a) except *:
             if merges[i].nsplit > max_split:
                 max_split = merges[i].nsplit
         for i in range(n_items):
-            work += (items[i].key_hi - items[i].key_lo + 1) * a.head_dim_qk
+            work += (items[i].key_hi - items[i].key_lo + 1) * a.head_dim_qk * items[i].nkvh
         work *= a.num_heads // a.num_kv_heads
         if nt > n_items:
             nt = <int>n_items

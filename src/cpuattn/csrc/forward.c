@@ -23,7 +23,9 @@
 #define CPA_BK_PAD (CPA_BK + 8) /* key rows of a tile rounded up to any ISA's MR (<= 8) */
 #define CPA_MROWS 64         /* target query rows (tokens x group heads) per block */
 #define CPA_SPLIT 512        /* keys per split-KV chunk (multiple of CPA_BK) */
-#define CPA_DEC_MAX_M 8      /* query rows up to which the decode kernel is used */
+#define CPA_DEC_MAX_M 8      /* query rows per kv head up to which the decode kernel is used */
+#define CPA_DEC_HEADS 8      /* kv heads per decode item: their rows of a token are adjacent */
+#define CPA_SPLIT_PAD (CPA_SPLIT + 16)   /* a score row, padded to any vector length */
 #define CPA_ALIGN 64
 
 /* KV storage kinds as preprocessor numbers (same values as enum cpa_dtype). */
@@ -54,14 +56,6 @@ static inline void cpa_row_interval(const cpa_fwd_args *a, int64_t nq, int64_t S
 }
 
 
-#define CPA_PREFETCH_ROWS 6   /* key rows fetched ahead in the decode kernel */
-
-static inline void cpa_prefetch_row(const void *p, size_t bytes)
-{
-    for (size_t off = 0; off < bytes; off += 64)
-        __builtin_prefetch((const char *)p + off, 0, 3);
-}
-
 /* Addresses of key rows j0 .. j0+n-1 of sequence b: out[i] = base + element
  * offset * esize. Walks the page chain once instead of dividing per row. */
 static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size_t esize,
@@ -86,12 +80,36 @@ static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size
     }
 }
 
+/* The decode kernel reads the rows of a page in memory order, which the
+ * hardware prefetchers follow; the next page of a chain can be anywhere in
+ * the pool, so its first rows are fetched ahead explicitly. */
+#define CPA_DEC_PREFETCH 8   /* tokens ahead */
+#define CPA_DEC_PREFETCH_ROWS 2   /* rows fetched at the start of a page */
+
+/* If row i (< n) starts a new page, or is one of the first rows after the
+ * start, prefetch its nh heads (`head` bytes apart, `bytes` each). */
+static inline void cpa_prefetch_page_start(const void *const *row, int64_t i, int64_t n,
+                                           int64_t tok, int64_t nh, int64_t head, int64_t bytes)
+{
+    if (i >= n)
+        return;
+    int64_t back = 1;
+    for (; back <= CPA_DEC_PREFETCH_ROWS && back <= i; back++)
+        if ((const char *)row[i - back + 1] != (const char *)row[i - back] + tok)
+            break;   /* row i - back + 1 starts a page */
+    if (back > CPA_DEC_PREFETCH_ROWS)
+        return;      /* deep inside a page: the hardware streams it */
+    for (int64_t h = 0; h < nh; h++)
+        for (int64_t off = 0; off < bytes; off += 64)
+            __builtin_prefetch((const char *)row[i] + h * head + off, 0, 3);
+}
+
 typedef struct {
     size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, total;
 } cpa_tiled_layout;
 
 typedef struct {
-    size_t qs, sc, o, krow, vrow, skip, total;
+    size_t qs, sc, o, m, l, krow, vrow, total;
     int64_t qstride, scstride;
 } cpa_decode_layout;
 
@@ -127,17 +145,22 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->total = at;
 }
 
+/* Decode scratch: rows R = head-in-item * M + r of q (pre-scaled), scores
+ * (keys of one split), the output accumulator, running max and sum; row
+ * addresses of the item's keys for its first kv head. */
 static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layout *L)
 {
+    const int64_t rows = CPA_DEC_HEADS * CPA_DEC_MAX_M;
     L->qstride = cpa_roundup(a->head_dim_qk, 16);
-    L->scstride = CPA_SPLIT;
+    L->scstride = CPA_SPLIT_PAD;
     size_t at = 0;
-    L->qs = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * L->qstride) * tsize);
-    L->sc = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * CPA_SPLIT) * tsize);
-    L->o = cpa_take(&at, (size_t)(CPA_DEC_MAX_M * a->head_dim_v) * tsize);
+    L->qs = cpa_take(&at, (size_t)(rows * L->qstride) * tsize);
+    L->sc = cpa_take(&at, (size_t)(rows * CPA_SPLIT_PAD) * tsize);
+    L->o = cpa_take(&at, (size_t)(rows * a->head_dim_v) * tsize);
+    L->m = cpa_take(&at, (size_t)rows * tsize);
+    L->l = cpa_take(&at, (size_t)rows * tsize);
     L->krow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
     L->vrow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
-    L->skip = cpa_take(&at, CPA_SPLIT);
     L->total = at;
 }
 
@@ -166,7 +189,8 @@ int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
 size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
 {
     const int64_t g = a->num_heads / a->num_kv_heads;
-    return (size_t)(g * cpa_block_tokens(g) * (a->head_dim_v + 2)) * cpa_tsize(a);
+    const int64_t rows = cpa_max(g * cpa_block_tokens(g), CPA_DEC_HEADS * CPA_DEC_MAX_M);
+    return (size_t)(rows * (a->head_dim_v + 2)) * cpa_tsize(a);
 }
 
 int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
@@ -194,15 +218,17 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
                 ulo = 0;   /* no visible key: one item writes zeros */
             const int64_t c0 = ulo / CPA_SPLIT, c1 = uhi < 0 ? c0 : uhi / CPA_SPLIT;
             const int64_t nsplit = (nqb == 1) ? c1 - c0 + 1 : 1;
-            for (int32_t h = 0; h < a->num_kv_heads; h++) {
+            const int32_t hstep = cpa_use_decode(g, nq) ? CPA_DEC_HEADS : 1;
+            for (int32_t h = 0; h < a->num_kv_heads; h += hstep) {
+                const int32_t nh = (int32_t)cpa_min(hstep, a->num_kv_heads - h);
                 if (nsplit > 1 && merges) {
-                    merges[nm].seq = b; merges[nm].kvh = h;
+                    merges[nm].seq = b; merges[nm].kvh = h; merges[nm].nkvh = nh;
                     merges[nm].nsplit = (int32_t)nsplit; merges[nm].slot0 = ns;
                 }
                 for (int64_t s = 0; s < nsplit; s++) {
                     if (items) {
                         cpa_fwd_item *it = &items[ni];
-                        it->seq = b; it->kvh = h; it->qblock = (int32_t)qb;
+                        it->seq = b; it->kvh = h; it->nkvh = nh; it->qblock = (int32_t)qb;
                         it->slot = nsplit > 1 ? ns + s : -1;
                         it->key_lo = nsplit > 1 ? cpa_max(ulo, (c0 + s) * CPA_SPLIT) : ulo;
                         it->key_hi = nsplit > 1 ? cpa_min(uhi, (c0 + s + 1) * CPA_SPLIT - 1) : uhi;

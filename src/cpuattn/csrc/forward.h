@@ -8,9 +8,12 @@
  * and a dense cache is one "page" per sequence (no block table). The facade
  * validates everything before the engine runs: the kernels trust their input.
  *
- * Work is split into items (sequence, kv head, query block, kv split). The
- * blocking depends only on a sequence's own shape, never on the thread
- * count, so results are bitwise reproducible and batch-invariant.
+ * Work is split into items (sequence, kv heads, query block, kv split): the
+ * tiled (prefill) kernel takes one kv head per item, the decode kernel a
+ * group of up to CPA_DEC_HEADS kv heads, so that it streams each token's
+ * K/V rows of all those heads in memory order. The blocking depends only on
+ * a sequence's own shape, never on the thread count, so results are bitwise
+ * reproducible and batch-invariant.
  */
 #ifndef CPUATTN_FORWARD_H
 #define CPUATTN_FORWARD_H
@@ -42,13 +45,13 @@ typedef struct {
 
 typedef struct {
     int64_t seq, slot;              /* slot: partial-result slot, -1 = write the output */
-    int32_t kvh, qblock;
+    int32_t kvh, nkvh, qblock;      /* kv heads [kvh, kvh + nkvh) */
     int64_t key_lo, key_hi;         /* keys this item reads: [key_lo, key_hi] */
 } cpa_fwd_item;
 
 typedef struct {
     int64_t seq, slot0;
-    int32_t kvh, nsplit;
+    int32_t kvh, nkvh, nsplit;
 } cpa_fwd_merge;
 
 /* Counts (items == NULL) or fills the work lists. Returns the item count;

@@ -202,152 +202,222 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     }
 }
 
+/* ---- decode kernel ----
+ * An item holds nkvh kv heads x M = g * nq query rows (R = head-in-item * M + r)
+ * and one split of keys. Pass 1 reads K token by token, all the item's heads
+ * of a token in turn (adjacent in memory, so the hardware prefetchers stream
+ * it), and computes every score; the softmax of each row then needs no
+ * rescaling; pass 2 reads V in the same order and accumulates P V into
+ * rows that stay in L1. Each score and output element is summed in the same
+ * order whatever the blocking, so results do not depend on DEC_TB. */
+enum { FN(DEC_TB) = VBYTES == 64 ? 4 : 2 };   /* key rows per block: what the registers hold */
+
+/* s[r * sstride + t] = q_r . k_t for RB query rows (qstride apart), TB key rows */
+static inline __attribute__((always_inline)) void FN(dec_qk)(
+    const T *q, int64_t qstride, const KS *const *k, int64_t Dk, T *s, int64_t sstride,
+    const int RB, const int TB)
+{
+    V acc[4][4];
+    for (int t = 0; t < TB; t++)
+        for (int r = 0; r < RB; r++) acc[t][r] = TN(vset1)(0);
+    int64_t d = 0;
+    for (; d + VL <= Dk; d += VL) {
+        V kv[4];
+        for (int t = 0; t < TB; t++) kv[t] = FN(ldkv)(k[t] + d);
+        for (int r = 0; r < RB; r++) {
+            V qv = TN(vld)(q + r * qstride + d);
+            for (int t = 0; t < TB; t++) acc[t][r] += qv * kv[t];
+        }
+    }
+    for (int t = 0; t < TB; t++) {
+        T x[4];
+        if (RB == 4)
+            TN(hsum4)(acc[t], x);
+        else
+            for (int r = 0; r < RB; r++) x[r] = TN(hsum)(acc[t][r]);
+        for (int r = 0; r < RB; r++) {
+            for (int64_t dd = d; dd < Dk; dd++) x[r] += q[r * qstride + dd] * FN(cvkv)(k[t][dd]);
+            s[r * sstride + t] = x[r];
+        }
+    }
+}
+
+/* o[r * ostride + :] += sum_t p[r * pstride + t] * v_t, for RB rows and TB value rows */
+static inline __attribute__((always_inline)) void FN(dec_pv)(
+    T *o, int64_t ostride, const T *p, int64_t pstride, const KS *const *v, int64_t Dv,
+    const int RB, const int TB)
+{
+    V pb[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TB; t++) pb[r][t] = TN(vset1)(p[r * pstride + t]);
+    int64_t d = 0;
+    for (; d + VL <= Dv; d += VL) {
+        V vv[4];
+        for (int t = 0; t < TB; t++) vv[t] = FN(ldkv)(v[t] + d);
+        for (int r = 0; r < RB; r++) {
+            V acc = TN(vld)(o + r * ostride + d);
+            for (int t = 0; t < TB; t++) acc += pb[r][t] * vv[t];
+            TN(vst)(o + r * ostride + d, acc);
+        }
+    }
+    for (; d < Dv; d++)
+        for (int t = 0; t < TB; t++) {
+            const T x = FN(cvkv)(v[t][d]);
+            for (int r = 0; r < RB; r++) o[r * ostride + d] += p[r * pstride + t] * x;
+        }
+}
+
+/* o_rr += p_rr,i v_i for keys i in [i0, i1) of the split, only in the rows
+ * rr that see key i: for keys hidden from some rows. */
+static void FN(dec_pv_seen)(T *o, const T *sc, int64_t scs, const KS *const *vrow, int64_t vh,
+                            int64_t Dv, int64_t M, int64_t R, int64_t k0, int64_t i0, int64_t i1,
+                            const int64_t *lo, const int64_t *hi)
+{
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t rr = 0; rr < R; rr++) {
+            const int64_t r = rr % M;
+            if (k0 + i < lo[r] || k0 + i > hi[r]) continue;
+            const KS *vr = vrow[i] + (rr / M) * vh;
+            FN(dec_pv)(o + rr * Dv, 0, sc + rr * scs + i, 0, &vr, Dv, 1, 1);
+        }
+}
+
+/* Both products over M rows, in register blocks of 4, 2 and 1 rows. */
+#define DEC_ROWS(call, M, ...)                                                   \
+    do {                                                                         \
+        int64_t r_ = 0;                                                          \
+        for (; r_ + 4 <= (M); r_ += 4) call(r_, 4, __VA_ARGS__);                 \
+        if ((M) - r_ >= 2) { call(r_, 2, __VA_ARGS__); r_ += 2; }                \
+        if ((M) - r_ == 1) call(r_, 1, __VA_ARGS__);                             \
+    } while (0)
+#define DEC_QK_AT(r, RB, TB) FN(dec_qk)(q + (r) * qst, qst, kr, Dk, s + (r) * scs, scs, RB, TB)
+#define DEC_PV_AT(r, RB, TB) FN(dec_pv)(ob + (r) * Dv, Dv, s + (r) * scs, scs, vr, Dv, RB, TB)
+
 static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {
-    const int64_t b = it->seq, kvh = it->kvh;
+    enum { TB = FN(DEC_TB) };
+    const int64_t b = it->seq, kvh0 = it->kvh, nh = it->nkvh;
     const int64_t nq = a->q_len[b], Sk = a->k_len[b];
-    const int64_t g = a->num_heads / a->num_kv_heads, M = g * nq;
+    const int64_t g = a->num_heads / a->num_kv_heads, M = g * nq, R = nh * M;
     const int64_t Dk = a->head_dim_qk, Dv = a->head_dim_v;
-    const KS *kbase = (const KS *)a->k + a->k_off[b] + kvh * a->k_head;
-    const KS *vbase = (const KS *)a->v + a->v_off[b] + kvh * a->v_head;
+    const int64_t kh = a->k_head, vh = a->v_head;
 
     cpa_decode_layout L;
     cpa_decode_plan(a, sizeof(T), &L);
     T *qs = (T *)(scratch + L.qs), *sc = (T *)(scratch + L.sc), *o = (T *)(scratch + L.o);
+    T *mrow = (T *)(scratch + L.m), *lrow = (T *)(scratch + L.l);
     const KS **krow = (const KS **)(scratch + L.krow), **vrow = (const KS **)(scratch + L.vrow);
-    char *skip = scratch + L.skip;
-    const int64_t qstride = L.qstride, scs = L.scstride;
+    const int64_t qst = L.qstride, scs = L.scstride;
 
+    /* keys row r sees (the same for every head), and those every row sees */
     int64_t lo[CPA_DEC_MAX_M], hi[CPA_DEC_MAX_M], ilo = 0, ihi = Sk - 1;
-    T mrow[CPA_DEC_MAX_M], lrow[CPA_DEC_MAX_M];
-    for (int64_t r = 0; r < CPA_DEC_MAX_M; r++) {
-        if (r < M) {
-            int64_t t = r / g, head = kvh * g + r % g;
-            RN_CALL(load_q_row)(a, a->q_off[b] + t * a->q_tok + head * a->q_head, qs + r * qstride, 1, (T)a->scale);
-            cpa_row_interval(a, nq, Sk, t, &lo[r], &hi[r]);
-            if (lo[r] > ilo) ilo = lo[r];
-            if (hi[r] < ihi) ihi = hi[r];
-        } else {
-            memset(qs + r * qstride, 0, (size_t)qstride * sizeof(T));
-            lo[r] = 1; hi[r] = 0;
+    for (int64_t r = 0; r < M; r++) {
+        cpa_row_interval(a, nq, Sk, r / g, &lo[r], &hi[r]);
+        if (lo[r] > ilo) ilo = lo[r];
+        if (hi[r] < ihi) ihi = hi[r];
+    }
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int64_t r = 0; r < M; r++)
+            RN_CALL(load_q_row)(a, a->q_off[b] + (r / g) * a->q_tok + ((kvh0 + hh) * g + r % g) * a->q_head,
+                                qs + (hh * M + r) * qst, 1, (T)a->scale);
+
+    const int64_t k0 = it->key_lo, n = cpa_max(it->key_hi - it->key_lo + 1, 0);
+    cpa_kv_rows(a, b, (const char *)((const KS *)a->k + a->k_off[b] + kvh0 * kh), sizeof(KS),
+                a->k_tok, a->k_page, k0, n, (const void **)krow);
+    cpa_kv_rows(a, b, (const char *)((const KS *)a->v + a->v_off[b] + kvh0 * vh), sizeof(KS),
+                a->v_tok, a->v_page, k0, n, (const void **)vrow);
+
+    /* pass 1: scores of every key, hidden ones too (masked below) */
+    for (int64_t i0 = 0; i0 < n; i0 += TB) {
+        const int full = i0 + TB <= n;
+        for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
+            cpa_prefetch_page_start((const void *const *)krow, i, n, a->k_tok * (int64_t)sizeof(KS), nh,
+                                    kh * sizeof(KS), Dk * sizeof(KS));
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const T *q = qs + hh * M * qst;
+            T *s = sc + hh * M * scs + i0;
+            const KS *kr[TB];
+            if (full) {
+                for (int t = 0; t < TB; t++) kr[t] = krow[i0 + t] + hh * kh;
+                DEC_ROWS(DEC_QK_AT, M, TB);
+            } else {
+                for (int64_t i = i0; i < n; i++, s++) {
+                    kr[0] = krow[i] + hh * kh;
+                    DEC_ROWS(DEC_QK_AT, M, 1);
+                }
+            }
         }
     }
 
-    const int64_t k0 = it->key_lo, n = it->key_hi - it->key_lo + 1;
-    const int64_t npad = cpa_roundup(n > 0 ? n : 0, VL);
+    /* softmax of each row over the split: softcap, mask, max, exp, sum */
+    const int64_t npad = cpa_roundup(n, VL);
     const T cap = (T)a->softcap;
-    /* scores: each key row is loaded once for 4 query rows at a time */
-    cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k_tok, a->k_page, k0, n, (const void **)krow);
-    cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v_tok, a->v_page, k0, n, (const void **)vrow);
-    for (int64_t i = 0; i < CPA_PREFETCH_ROWS && i < n; i++) {
-        cpa_prefetch_row(krow[i], Dk * sizeof(KS));
-        cpa_prefetch_row(vrow[i], Dv * sizeof(KS));
-    }
-    for (int64_t i = 0; i < n; i++) {
-        const KS *kr = krow[i];
-        /* rows of one head sit a page-row apart: the hardware prefetcher
-         * cannot follow the chain, so fetch K and V rows ahead ourselves */
-        if (i + CPA_PREFETCH_ROWS < n) {
-            cpa_prefetch_row(krow[i + CPA_PREFETCH_ROWS], Dk * sizeof(KS));
-            cpa_prefetch_row(vrow[i + CPA_PREFETCH_ROWS], Dv * sizeof(KS));
-        }
-        for (int64_t r0 = 0; r0 < M; r0 += 4) {
-            V acc[4] = {TN(vset1)(0), TN(vset1)(0), TN(vset1)(0), TN(vset1)(0)};
-            const T *q0 = qs + r0 * qstride;
-            int64_t d = 0;
-            for (; d + VL <= Dk; d += VL) {
-                V kv = FN(ldkv)(kr + d);
-#pragma GCC unroll 4
-                for (int rr = 0; rr < 4; rr++) acc[rr] += TN(vld)(q0 + rr * qstride + d) * kv;
-            }
-            for (int rr = 0; rr < 4 && r0 + rr < M; rr++) {
-                T s = TN(hsum)(acc[rr]);
-                for (int64_t dd = d; dd < Dk; dd++) s += q0[rr * qstride + dd] * FN(cvkv)(kr[dd]);
-                sc[(r0 + rr) * scs + i] = s;
-            }
-        }
-    }
-    for (int64_t r = 0; r < M; r++) {
-        T *s = sc + r * scs;
-        for (int64_t i = n; i < npad; i++) s[i] = -INFINITY;
+    for (int64_t rr = 0; rr < R; rr++) {
+        const int64_t r = rr % M;
+        T *s = sc + rr * scs;
         if (cap > 0)
             for (int64_t i = 0; i < npad; i += VL) TN(vst)(s + i, cap * TN(vtanh)(TN(vld)(s + i) / cap));
-        for (int64_t i = 0; i < n; i++)
-            if (k0 + i < lo[r] || k0 + i > hi[r]) s[i] = -INFINITY;
-        for (int64_t i = n; i < npad; i++) s[i] = -INFINITY;
+        /* keys [v0, v1) of the split are visible to row r */
+        const int64_t v0 = cpa_min(cpa_max(lo[r] - k0, 0), n), v1 = cpa_max(cpa_min(hi[r] - k0 + 1, n), v0);
+        for (int64_t i = 0; i < v0; i++) s[i] = -INFINITY;
+        for (int64_t i = v1; i < npad; i++) s[i] = -INFINITY;
         V mx = TN(vset1)(-INFINITY);
         for (int64_t i = 0; i < npad; i += VL) mx = TN(vmax)(mx, TN(vld)(s + i));
         T mr = -INFINITY;
         for (int k = 0; k < VL; k++) if (mx[k] > mr || mx[k] != mx[k]) mr = mx[k];
-        T muse = (mr == -INFINITY) ? (T)0 : mr;
+        const T muse = (mr == -INFINITY) ? (T)0 : mr;   /* no visible key: all p = 0 */
         V ls = TN(vset1)(0);
         for (int64_t i = 0; i < npad; i += VL) {
             V p = TN(vexp)(TN(vld)(s + i) - muse);
             TN(vst)(s + i, p);
             ls += p;
         }
-        mrow[r] = mr; lrow[r] = TN(hsum)(ls);
+        mrow[rr] = mr;
+        lrow[rr] = TN(hsum)(ls);
     }
 
-    /* value rows that some query row must not see and that are not finite */
-    int any_skip = 0;
-    for (int64_t i = 0; i < n; i++) {
-        skip[i] = (k0 + i < ilo || k0 + i > ihi) && !FN(row_finite)(vrow[i], Dv);
-        any_skip |= skip[i];
-    }
-
-    /* O = P V, 4 query rows x 4 vectors of D held in registers */
-    memset(o, 0, (size_t)(CPA_DEC_MAX_M * Dv) * sizeof(T));
-    for (int64_t r0 = 0; r0 < M; r0 += 4) {
-        const T *p0 = sc + r0 * scs;
-        int64_t d = 0;
-        for (; d + 4 * VL <= Dv; d += 4 * VL) {
-            V acc[4][4];
-#pragma GCC unroll 4
-            for (int rr = 0; rr < 4; rr++)
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; c++) acc[rr][c] = TN(vset1)(0);
-            for (int64_t i = 0; i < n; i++) {
-                if (any_skip && skip[i]) continue;
-                V vv[4];
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; c++) vv[c] = FN(ldkv)(vrow[i] + d + c * VL);
-#pragma GCC unroll 4
-                for (int rr = 0; rr < 4; rr++) {
-                    T p = p0[rr * scs + i];
-#pragma GCC unroll 4
-                    for (int c = 0; c < 4; c++) acc[rr][c] += p * vv[c];
+    /* pass 2: O = P V. Keys every row sees go through the shared product; a
+     * key hidden from some rows is added only to the rows that see it, since
+     * p = 0 times a NaN or inf in a hidden (stale) value would be NaN. */
+    memset(o, 0, (size_t)(R * Dv) * sizeof(T));
+    const int64_t s0 = cpa_min(cpa_max(ilo - k0, 0), n), s1 = cpa_max(cpa_min(ihi - k0 + 1, n), s0);
+    FN(dec_pv_seen)(o, sc, scs, vrow, vh, Dv, M, R, k0, 0, s0, lo, hi);
+    for (int64_t i0 = s0; i0 < s1; i0 += TB) {
+        const int full = i0 + TB <= s1;
+        for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
+            cpa_prefetch_page_start((const void *const *)vrow, i, s1, a->v_tok * (int64_t)sizeof(KS), nh,
+                                    vh * sizeof(KS), Dv * sizeof(KS));
+        for (int64_t hh = 0; hh < nh; hh++) {
+            T *ob = o + hh * M * Dv;
+            const T *s = sc + hh * M * scs + i0;
+            const KS *vr[TB];
+            if (full) {
+                for (int t = 0; t < TB; t++) vr[t] = vrow[i0 + t] + hh * vh;
+                DEC_ROWS(DEC_PV_AT, M, TB);
+            } else {
+                for (int64_t j = i0; j < s1; j++, s++) {
+                    vr[0] = vrow[j] + hh * vh;
+                    DEC_ROWS(DEC_PV_AT, M, 1);
                 }
             }
-            for (int rr = 0; rr < 4; rr++)
-                for (int c = 0; c < 4; c++) TN(vst)(o + (r0 + rr) * Dv + d + c * VL, acc[rr][c]);
         }
-        for (; d < Dv; d++)
-            for (int rr = 0; rr < 4; rr++) {
-                T s = 0;
-                for (int64_t i = 0; i < n; i++)
-                    if (!(any_skip && skip[i])) s += p0[rr * scs + i] * FN(cvkv)(vrow[i][d]);
-                o[(r0 + rr) * Dv + d] = s;
-            }
     }
-    if (any_skip)
-        for (int64_t i = 0; i < n; i++) {
-            if (!skip[i]) continue;
-            for (int64_t r = 0; r < M; r++)
-                if (k0 + i >= lo[r] && k0 + i <= hi[r])
-                    for (int64_t d = 0; d < Dv; d++) o[r * Dv + d] += sc[r * scs + i] * FN(cvkv)(vrow[i][d]);
-        }
+    FN(dec_pv_seen)(o, sc, scs, vrow, vh, Dv, M, R, k0, s1, n, lo, hi);
 
-    for (int64_t r = 0; r < M; r++) {
+    for (int64_t rr = 0; rr < R; rr++) {
+        const int64_t kvh = kvh0 + rr / M, r = rr % M;
         if (it->slot < 0) {
-            RN_CALL(store_row)(a, b, r / g, kvh * g + r % g, o + r * Dv, 1, mrow[r], lrow[r]);
+            RN_CALL(store_row)(a, b, r / g, kvh * g + r % g, o + rr * Dv, 1, mrow[rr], lrow[rr]);
         } else {
-            T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + r * (Dv + 2);
-            memcpy(part, o + r * Dv, (size_t)Dv * sizeof(T));
-            part[Dv] = mrow[r]; part[Dv + 1] = lrow[r];
+            T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + rr * (Dv + 2);
+            memcpy(part, o + rr * Dv, (size_t)Dv * sizeof(T));
+            part[Dv] = mrow[rr]; part[Dv + 1] = lrow[rr];
         }
     }
 }
+#undef DEC_ROWS
+#undef DEC_QK_AT
+#undef DEC_PV_AT
 
 static void FN(item)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {

@@ -82,7 +82,7 @@ static void RN(merge)(const cpa_fwd_args *a, const cpa_fwd_merge *mg, const char
     const size_t slot = cpa_fwd_slot_bytes(a);
     T *w = (T *)scratch;
     T *acc = w + ns;
-    for (int64_t r = 0; r < M; r++) {
+    for (int64_t r = 0; r < M * mg->nkvh; r++) {   /* row r: kv head kvh + r / M */
         T mmax = -INFINITY;
         for (int64_t s = 0; s < ns; s++) {
             const T *part = (const T *)(partials + (mg->slot0 + s) * slot) + r * (Dv + 2);
@@ -99,6 +99,7 @@ static void RN(merge)(const cpa_fwd_args *a, const cpa_fwd_merge *mg, const char
             const T *part = (const T *)(partials + (mg->slot0 + s) * slot) + r * (Dv + 2);
             for (int64_t d = 0; d < Dv; d++) acc[d] += w[s] * part[d];
         }
-        RN(store_row)(a, b, r / g, mg->kvh * g + r % g, acc, 1, mmax, l);
+        const int64_t kvh = mg->kvh + r / M, rr = r % M;
+        RN(store_row)(a, b, rr / g, kvh * g + rr % g, acc, 1, mmax, l);
     }
 }

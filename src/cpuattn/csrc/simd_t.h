@@ -51,6 +51,27 @@ static inline T TN(hsum)(V v)
     return buf[0];
 #endif
 }
+/* out[i] = hsum(v[i]) for 4 vectors, each summed by the same tree as hsum
+ * (so bitwise equal to it), sharing the shuffles between the four. */
+static inline void TN(hsum4)(const V *v, T *out)
+{
+#if VBYTES == 64 && !T_IS_F64 && defined(__AVX512F__)
+    const __m512 a0 = (__m512)v[0], a1 = (__m512)v[1], a2 = (__m512)v[2], a3 = (__m512)v[3];
+    /* 512 -> 256 bits: [a0 folded | a1 folded], [a2 | a3] */
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0xEE), _mm512_shuffle_f32x4(a0, a1, 0x44));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0xEE), _mm512_shuffle_f32x4(a2, a3, 0x44));
+    /* 256 -> 128 bits: one 128-bit lane per vector */
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0xDD), _mm512_shuffle_f32x4(t0, t1, 0x88));
+    /* 128 -> 64 -> 32 bits within each lane */
+    const __m512 w = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    const __m512 x = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+    float buf[16];
+    _mm512_storeu_ps(buf, x);
+    out[0] = buf[0]; out[1] = buf[4]; out[2] = buf[8]; out[3] = buf[12];
+#else
+    for (int i = 0; i < 4; i++) out[i] = TN(hsum)(v[i]);
+#endif
+}
 static inline int TN(any)(VI m) { for (int i = 0; i < VL; i++) if (m[i]) return 1; return 0; }
 
 #if T_IS_F64
