@@ -182,3 +182,36 @@ def test_decode_kernel_head_groups(rng, each_isa, hkv, g, nq, opts):
     np.testing.assert_array_equal(np.isneginf(lse), ~seen)
     np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(np.float32))
     assert np.all(out[~seen.T] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16, np.float64],
+                         ids=["float32", "float16", "bfloat16", "float64"])
+def test_decode_fast_path_matches_general_path(rng, dtype):
+    """Plain decode calls take a C-checked entry point; any other form of the
+    same call (int64 index arrays, lists, out=) takes the general checks. The
+    results must be the same bytes, and bad input must still raise."""
+    if dtype is None:
+        pytest.skip("ml_dtypes not installed")
+    kp, vp, bt, lens = make_pages(rng, [0, 1, 300, 17], 16, 2, 48, dtype=dtype)
+    qd = np.float64 if dtype == np.float64 else np.float32
+    q = randn(rng, (4, 6, 48), qd)
+    fast, fast_lse = cpuattn.paged_attention(q, kp, vp, bt, lens, return_lse=True, softcap=3.0,
+                                             window=(100, -1), scale=0.2)
+    out = np.empty_like(fast)
+    slow, slow_lse = cpuattn.paged_attention(q, kp, vp, bt.astype(np.int64), lens.tolist(),
+                                             return_lse=True, softcap=3.0, window=(100, -1),
+                                             scale=0.2, out=out)
+    assert slow is out
+    assert fast.tobytes() == slow.tobytes() and fast_lse.tobytes() == slow_lse.tobytes()
+    ref, _ = ref_paged(q, kp, vp, bt, lens, softcap=3.0, window=(100, -1), scale=0.2)
+    np.testing.assert_allclose(fast, ref, **tol(np.float64 if dtype == np.float64 else np.float32))
+    bad = bt.copy()
+    bad[2, 0] = kp.shape[0]
+    with pytest.raises(PageError, match=r"block_table\[2, 0\]"):
+        cpuattn.paged_attention(q, kp, vp, bad, lens)
+    with pytest.raises(ShapeError, match="seq_lens"):
+        cpuattn.paged_attention(q, kp, vp, bt, np.array([0, 1, 300, -1], np.int32))
+    with pytest.raises(ShapeError, match="window"):
+        cpuattn.paged_attention(q, kp, vp, bt, lens, window=(-2, 0))
+    with pytest.raises(ShapeError, match="causal"):
+        cpuattn.paged_attention(q, kp, vp, bt, lens, causal=1)

@@ -178,6 +178,151 @@ cdef void run(cpa_fwd_args *a) except *:
         free(scratch_raw)
 
 
+# ---- checked fast path for plain decode calls ----
+# A serving loop calls paged decode once per layer per token: the general
+# Python checks cost more than a small kernel. This entry point accepts only
+# the plain case (numpy arrays, contiguous int32 index arrays, last axes
+# contiguous, builtin option types) and checks it completely in C; anything
+# else returns None and the caller takes the general path, which gives the
+# same result or the documented error.
+
+from libc.math cimport isfinite, sqrt
+
+
+cdef int _float_code(cnp.ndarray x):
+    """Kernel dtype code of a float array, or -1."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t == cnp.NPY_FLOAT32:
+        return 0
+    if t == cnp.NPY_FLOAT64:
+        return 1
+    if t == cnp.NPY_FLOAT16:
+        return 2
+    if t >= 256 and x.dtype.name == "bfloat16":   # a user dtype (ml_dtypes)
+        return 3
+    return -1
+
+
+cdef bint _rows_ok(cnp.ndarray x, int ndim):
+    """ndim, non-empty, element-aligned strides, contiguous last axis."""
+    if cnp.PyArray_NDIM(x) != ndim or cnp.PyArray_SIZE(x) == 0:
+        return False
+    cdef cnp.npy_intp isz = cnp.PyArray_ITEMSIZE(x)
+    cdef int i
+    for i in range(ndim):
+        if cnp.PyArray_STRIDES(x)[i] % isz:
+            return False
+    return cnp.PyArray_DIMS(x)[ndim - 1] == 1 or cnp.PyArray_STRIDES(x)[ndim - 1] == isz
+
+
+cdef bint _int32_c(object x, int ndim):
+    return (type(x) is np.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>x) == ndim
+            and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_INT32
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x))
+
+
+cdef bint _real(object x):
+    return (type(x) is float or type(x) is int) and isfinite(<double>x)
+
+
+def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, window, softcap,
+                 return_lse):
+    """paged_attention without cu_seqlens_q and out, for plain inputs: the
+    result, or None when any input is not of the plain kind (or invalid)."""
+    if not (type(q) is np.ndarray and type(k_pages) is np.ndarray
+            and type(v_pages) is np.ndarray and _int32_c(block_table, 2)
+            and _int32_c(seq_lens, 1) and type(causal) is bool and type(return_lse) is bool
+            and (scale is None or _real(scale)) and _real(softcap) and softcap >= 0
+            and type(window) is tuple and len(window) == 2
+            and type(window[0]) is int and type(window[1]) is int
+            and window[0] >= -1 and window[1] >= -1):
+        return None
+    cdef cnp.ndarray qa = q, ka = k_pages, va = v_pages
+    cdef cnp.ndarray bt = block_table, sl = seq_lens
+    if not (_rows_ok(qa, 3) and _rows_ok(ka, 4) and _rows_ok(va, 4)):
+        return None
+    cdef int qc = _float_code(qa), kc = _float_code(ka)
+    if qc < 0 or kc < 0 or _float_code(va) != kc or (qc == 1) != (kc == 1):
+        return None
+    cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(qa)
+    cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(ka)
+    cdef cnp.npy_intp *vd = cnp.PyArray_DIMS(va)
+    cdef int64_t batch = qd[0], h = qd[1], d = qd[2], hkv = kd[2], dv = vd[3]
+    cdef int64_t num_pages = kd[0], page_size = kd[1], width = cnp.PyArray_DIMS(bt)[1]
+    if (vd[0] != num_pages or vd[1] != page_size or vd[2] != hkv or kd[3] != d
+            or h % hkv or cnp.PyArray_DIMS(bt)[0] != batch or cnp.PyArray_DIMS(sl)[0] != batch
+            or width < 1):
+        return None
+    cdef const int32_t *lens = <const int32_t *>cnp.PyArray_DATA(sl)
+    cdef const int32_t *table = <const int32_t *>cnp.PyArray_DATA(bt)
+    cdef int64_t b, j, n
+    for b in range(batch):
+        n = lens[b]
+        if n < 0 or n > width * page_size:
+            return None
+        for j in range((n + page_size - 1) // page_size):
+            if table[b * width + j] < 0 or table[b * width + j] >= num_pages:
+                return None
+
+    out = np.empty((batch, h, dv), dtype=q.dtype)
+    lse = np.empty((h, batch), dtype=np.float64 if qc == 1 else np.float32) if return_lse else None
+    cdef cnp.ndarray oa = out
+    cdef int64_t *idx = <int64_t *>malloc(7 * batch * sizeof(int64_t))
+    if idx == NULL:
+        raise MemoryError("cpuattn: cannot allocate the sequence table")
+    cdef cpa_fwd_args a
+    memset(&a, 0, sizeof(a))
+    cdef int64_t qi = cnp.PyArray_ITEMSIZE(qa), ki = cnp.PyArray_ITEMSIZE(ka)
+    cdef int64_t vi = cnp.PyArray_ITEMSIZE(va)
+    a.q = cnp.PyArray_DATA(qa)
+    a.k = cnp.PyArray_DATA(ka)
+    a.v = cnp.PyArray_DATA(va)
+    a.out = cnp.PyArray_DATA(oa)
+    a.lse = cnp.PyArray_DATA(<cnp.ndarray>lse) if return_lse else NULL
+    a.q_tok = cnp.PyArray_STRIDES(qa)[0] // qi
+    a.q_head = cnp.PyArray_STRIDES(qa)[1] // qi
+    a.o_tok = h * dv
+    a.o_head = dv
+    a.k_page = cnp.PyArray_STRIDES(ka)[0] // ki
+    a.k_tok = cnp.PyArray_STRIDES(ka)[1] // ki
+    a.k_head = cnp.PyArray_STRIDES(ka)[2] // ki
+    a.v_page = cnp.PyArray_STRIDES(va)[0] // vi
+    a.v_tok = cnp.PyArray_STRIDES(va)[1] // vi
+    a.v_head = cnp.PyArray_STRIDES(va)[2] // vi
+    a.lse_head = batch
+    a.lse_tok = 1
+    a.num_heads = <int32_t>h
+    a.num_kv_heads = <int32_t>hkv
+    a.head_dim_qk = <int32_t>d
+    a.head_dim_v = <int32_t>dv
+    a.q_dtype = qc
+    a.kv_dtype = kc
+    a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
+    a.softcap = <double>softcap
+    a.causal = causal
+    a.window_left = window[0]
+    a.window_right = window[1]
+    a.num_seqs = batch
+    for b in range(batch):
+        idx[b] = b * a.q_tok                     # q_off
+        idx[batch + b] = b * a.o_tok             # o_off
+        idx[2 * batch + b] = b                   # lse_off
+        idx[3 * batch + b] = 0                   # k_off, v_off
+        idx[4 * batch + b] = 1                   # q_len
+        idx[5 * batch + b] = lens[b]             # k_len
+    a.q_off, a.o_off, a.lse_off = idx, idx + batch, idx + 2 * batch
+    a.k_off = a.v_off = idx + 3 * batch
+    a.q_len, a.k_len = idx + 4 * batch, idx + 5 * batch
+    a.block_table = table
+    a.bt_stride = width
+    a.page_size = page_size
+    try:
+        run(&a)
+    finally:
+        free(idx)
+    return (out, lse) if return_lse else out
+
+
 ctypedef fused index_t:
     int32_t
     int64_t

@@ -95,6 +95,12 @@ def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=
     after their range is checked. Each KV page is read once per KV head for
     all query heads of its group.
     """
+    if cu_seqlens_q is None and out is None:
+        # plain decode calls: checked in C, a few microseconds less per call
+        res = _forward.paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal,
+                                    window, softcap, return_lse)
+        if res is not None:
+            return res
     q = V.as_array(q, "q")
     V.check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
     k_pages, v_pages, kv_code = check_pages(k_pages, v_pages)
