@@ -4,6 +4,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef _WIN32
 #define LOCK_INIT(m) InitializeSRWLock(m)
@@ -19,13 +22,23 @@
 
 /* calloc + manual alignment rather than aligned_alloc: for large blocks
  * calloc maps fresh zero pages lazily, so a big pool costs no time or
- * resident memory until it is written, and stale-slot reads see zeros. */
+ * resident memory until it is written, and stale-slot reads see zeros.
+ * Decode reads pages scattered over the whole pool: ask for transparent
+ * huge pages (as numpy does for large arrays) so that each page of the
+ * chain does not also cost a TLB miss. */
 static char *alloc_aligned(size_t bytes, void **raw)
 {
     *raw = calloc(1, bytes + 64);
     if (!*raw)
         return NULL;
-    return (char *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+    char *p = (char *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t os_page = 4096, lo = ((uintptr_t)p + os_page - 1) & ~(os_page - 1);
+    const uintptr_t hi = ((uintptr_t)p + bytes) & ~(os_page - 1);
+    if (bytes >= ((size_t)4 << 20) && hi > lo)
+        madvise((void *)lo, hi - lo, MADV_HUGEPAGE);   /* advice only: failure is harmless */
+#endif
+    return p;
 }
 
 cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
