@@ -104,6 +104,9 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         m[r] = -INFINITY; l[r] = 0;
     }
     memset(OT, 0, (size_t)(Dv * Mp) * sizeof(T));
+    /* the zero row stands in for padding keys and for hidden non-finite
+     * value rows in the shared products: it must really be zero */
+    memset(zero, 0, (size_t)cpa_max(Dk, Dv) * sizeof(T));
     for (int64_t i = 0; i < CPA_BK_PAD; i++) krow[i] = zero;
 
     const T cap = (T)a->softcap;
@@ -232,7 +235,7 @@ static inline __attribute__((always_inline)) void FN(dec_qk)(
     for (int t = 0; t < TB; t++) {
         T x[4];
         if (RB == 4)
-            TN(hsum4)(acc[t], x);
+            TN(hsum4)(acc[t][0], acc[t][1], acc[t][2], acc[t][3], x);
         else
             for (int r = 0; r < RB; r++) x[r] = TN(hsum)(acc[t][r]);
         for (int r = 0; r < RB; r++) {

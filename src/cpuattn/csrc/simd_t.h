@@ -53,10 +53,10 @@ static inline T TN(hsum)(V v)
 }
 /* out[i] = hsum(v[i]) for 4 vectors, each summed by the same tree as hsum
  * (so bitwise equal to it), sharing the shuffles between the four. */
-static inline void TN(hsum4)(const V *v, T *out)
+static inline void TN(hsum4)(V v0, V v1, V v2, V v3, T *out)
 {
 #if VBYTES == 64 && !T_IS_F64 && defined(__AVX512F__)
-    const __m512 a0 = (__m512)v[0], a1 = (__m512)v[1], a2 = (__m512)v[2], a3 = (__m512)v[3];
+    const __m512 a0 = (__m512)v0, a1 = (__m512)v1, a2 = (__m512)v2, a3 = (__m512)v3;
     /* 512 -> 256 bits: [a0 folded | a1 folded], [a2 | a3] */
     const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0xEE), _mm512_shuffle_f32x4(a0, a1, 0x44));
     const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0xEE), _mm512_shuffle_f32x4(a2, a3, 0x44));
@@ -69,7 +69,7 @@ static inline void TN(hsum4)(const V *v, T *out)
     _mm512_storeu_ps(buf, x);
     out[0] = buf[0]; out[1] = buf[4]; out[2] = buf[8]; out[3] = buf[12];
 #else
-    for (int i = 0; i < 4; i++) out[i] = TN(hsum)(v[i]);
+    out[0] = TN(hsum)(v0); out[1] = TN(hsum)(v1); out[2] = TN(hsum)(v2); out[3] = TN(hsum)(v3);
 #endif
 }
 static inline int TN(any)(VI m) { for (int i = 0; i < VL; i++) if (m[i]) return 1; return 0; }
