@@ -65,8 +65,8 @@ def ref_paged(q, k_pages, v_pages, block_table, seq_lens, cu_q=None, causal=True
     cu_q = np.arange(batch + 1) if cu_q is None else np.asarray(cu_q)
     k = cpuattn.gather_pages(k_pages, block_table, seq_lens)
     v = cpuattn.gather_pages(v_pages, block_table, seq_lens)
-    ks = np.concatenate([k[b, :seq_lens[b]] for b in range(batch)]) if batch else k[0, :0]
-    vs = np.concatenate([v[b, :seq_lens[b]] for b in range(batch)]) if batch else v[0, :0]
+    ks = np.concatenate([k[b, :seq_lens[b]] for b in range(batch)]) if batch else k.reshape((-1,) + k.shape[2:])[:0]
+    vs = np.concatenate([v[b, :seq_lens[b]] for b in range(batch)]) if batch else v.reshape((-1,) + v.shape[2:])[:0]
     cu_k = np.concatenate([[0], np.cumsum(seq_lens)])
     return ref_varlen(q, ks.astype(np.float64), vs.astype(np.float64), cu_q, cu_k, causal=causal,
                       **opts)

@@ -316,3 +316,107 @@ def test_inf_value_row_reaches_only_its_rows():
         out = cpuattn.attention(q, k, v, causal=True)
         ref = cpuattn.reference_attention(q, k, v, causal=True)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- paged (functional) ----
+
+PAGED_MUTATIONS = ["none"] * 6 + [
+    "page_high", "page_negative", "lens_negative", "lens_too_long", "lens_batch", "table_float",
+    "table_1d", "cu_nonmonotonic", "cu_too_many", "cu_batch", "q_batch", "kv_dtype",
+    "page_shape", "lens_huge"]
+PAIRS = [("float32", "float32"), ("float32", "float16"), ("float32", "bfloat16"),
+         ("float64", "float64"), ("float16", "float16"), ("bfloat16", "bfloat16")]
+
+
+@given(data=st.data(), lens=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+       page_size=st.integers(1, 4), hkv=st.integers(1, 2), group=st.integers(1, 2),
+       d=st.integers(1, 6), pair=st.sampled_from(PAIRS),
+       mutation=st.sampled_from(PAGED_MUTATIONS), seed=st.integers(0, 2**32 - 1))
+@examples(150)
+def test_paged(data, lens, page_size, hkv, group, d, pair, mutation, seed):
+    from conftest import make_pages, ref_paged
+    rng = np.random.default_rng(seed)
+    qdt, kvdt = pair
+    h = hkv * group
+    kp, vp, table, seq_lens = make_pages(rng, lens, page_size, hkv, d, np.float32, spare=2)
+    kp, vp = kp.astype(npdt(kvdt)), vp.astype(npdt(kvdt))
+    batch = len(lens)
+    # garbage in the unused slots of the table is never read
+    table = np.where(table < 0, data.draw(st.sampled_from([-1, -(2**31), 2**31 - 1])), table)
+    table = table.astype(np.int32)
+    chunked = data.draw(st.booleans(), "chunked")
+    if chunked:
+        nq = [data.draw(st.integers(0, n), f"nq{b}") for b, n in enumerate(lens)]
+        cuq = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    else:
+        assume(all(n >= 1 for n in lens) or mutation != "none")
+        cuq = None
+    total = batch if cuq is None else int(cuq[-1])
+    q = make(rng, (total, h, d), qdt, data.draw(layouts, "lq"))
+    opts = data.draw(options(d), "opts")
+    opts["causal"] = data.draw(st.booleans(), "causal") or cuq is None
+    expect = ShapeError
+    used = [(b, j) for b, n in enumerate(lens) for j in range(-(-n // page_size))]
+    if mutation == "none":
+        expect = None
+    elif mutation in ("page_high", "page_negative"):
+        assume(used)
+        b, j = used[data.draw(st.integers(0, len(used) - 1), "entry")]
+        table = table.copy()
+        table[b, j] = kp.shape[0] + 3 if mutation == "page_high" else -1
+        expect = PageError
+    elif mutation == "lens_negative":
+        assume(batch)
+        seq_lens = seq_lens.copy()
+        seq_lens[0] = -1
+    elif mutation == "lens_too_long":
+        assume(batch)
+        seq_lens = seq_lens.copy()
+        seq_lens[-1] = table.shape[1] * page_size + 1
+    elif mutation == "lens_huge":
+        assume(batch)
+        seq_lens = seq_lens.astype(np.int64)
+        seq_lens[0] = 2**40
+    elif mutation == "lens_batch":
+        seq_lens = np.concatenate([seq_lens, [0]]).astype(np.int32)
+    elif mutation == "table_float":
+        table, expect = table.astype(np.float32), DTypeError
+    elif mutation == "table_1d":
+        table = table.reshape(-1)
+    elif mutation == "cu_nonmonotonic":
+        assume(cuq is not None and batch >= 2)
+        cuq = cuq.copy()
+        cuq[1] = cuq[2] + 1
+    elif mutation == "cu_too_many":  # more queries than the sequence has tokens
+        assume(cuq is not None and batch >= 1)
+        extra = lens[0] + 1 - (cuq[1] - cuq[0])
+        cuq = cuq.copy()
+        cuq[1:] += extra
+        q = make(rng, (int(cuq[-1]), h, d), qdt, "c")
+    elif mutation == "cu_batch":
+        assume(cuq is not None)
+        cuq = np.concatenate([cuq, cuq[-1:]])
+    elif mutation == "q_batch":
+        assume(cuq is None)
+        q = make(rng, (batch + 1, h, d), qdt, "c")
+    elif mutation == "kv_dtype":
+        vp, expect = vp.astype(np.float64 if kvdt != "float64" else np.float32), DTypeError
+    elif mutation == "page_shape":
+        vp = np.zeros((kp.shape[0], page_size + 1, hkv, d), kp.dtype)
+    call = lambda: cpuattn.paged_attention(q, kp, vp, table, seq_lens,  # noqa: E731
+                                           cu_seqlens_q=cuq, return_lse=True, **opts)
+    if expect is not None:
+        with pytest.raises(expect):
+            call()
+        return
+    out, lse = call()
+    assert out.shape == (total, h, d) and out.dtype == npdt(qdt)
+    ro, rl = ref_paged(q, kp, vp, table, seq_lens, cu_q=cuq, **opts)
+    cmp_dt = qdt if qdt != "float32" else ("float32" if kvdt == "float32" else "float32")
+    s_max, _ = score_bounds(q, kp, vp, scale_of(opts, d), opts["softcap"])
+    check_close(out, ro, cmp_dt, s_max, 4.0)
+    check_lse(lse, rl, cmp_dt, s_max)
+    g = cpuattn.gather_pages(kp, table, seq_lens)
+    assert g.shape == (batch, max(lens, default=0), hkv, d)
+    for b, n in enumerate(lens):
+        assert not np.any(np.asarray(g[b, n:], np.float64))
