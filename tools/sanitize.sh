@@ -57,7 +57,7 @@ if ! CC="$CC_CMD" CPUATTN_SANITIZE=address "$PYTHON" setup.py build_ext --inplac
     exit 2
 fi
 for so in src/cpuattn/_*.so; do
-    if ! nm -D "$so" | grep -q __asan_init; then
+    if ! nm -D "$so" | grep __asan_init >/dev/null; then
         echo "sanitize.sh: $so is not instrumented" >&2
         exit 2
     fi
