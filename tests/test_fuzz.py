@@ -302,9 +302,11 @@ def test_varlen(data, batch, hkv, group, d, dtype, mutation, special, seed):
     check_lse(lse, rl, dtype, s_max)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (forward kernel): an inf in a visible V row "
+@pytest.mark.xfail(strict=False, reason="BUG (forward kernel): an inf in a visible V row "
                    "corrupts other columns of the rows that see it when some query rows of "
-                   "the block see no key (causal, seq_q > seq_k, GQA group > 1)")
+                   "the block see no key (causal, seq_q > seq_k, GQA group > 1); build-"
+                   "dependent (passes in the ASan build): likely a read of uninitialised "
+                   "scratch, so not strict")
 def test_inf_value_row_reaches_only_its_rows():
     # found by test_dense; the oracle gives inf only in the inf column
     rng = np.random.default_rng(0)
