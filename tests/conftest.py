@@ -1,7 +1,21 @@
 """Shared test helpers: the float64 oracle applied to packed and paged calls,
 tolerances per dtype, and a fixture that runs a test on every SIMD path."""
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    # CI: the same examples every run (reproducible), no per-example deadline
+    # (2 shared cores), no database written into the checkout
+    "ci", derandomize=True, deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    # local bug hunting: HYPOTHESIS_PROFILE=explore python -m pytest tests/test_fuzz.py
+    "explore", deadline=None, max_examples=2000, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import cpuattn
 from cpuattn import _threads
@@ -40,6 +54,8 @@ def ref_varlen(q, k, v, cu_q, cu_k, **opts):
         o, l = cpuattn.reference_attention(qs[None], ks[None], vs[None], return_lse=True, **opts)
         outs.append(o[0])
         lses.append(l[0])
+    if not outs:  # batch 0
+        return np.zeros((0, h, v.shape[-1])), np.zeros((h, 0))
     return np.concatenate(outs), np.concatenate(lses, axis=1)
 
 
@@ -49,8 +65,8 @@ def ref_paged(q, k_pages, v_pages, block_table, seq_lens, cu_q=None, causal=True
     cu_q = np.arange(batch + 1) if cu_q is None else np.asarray(cu_q)
     k = cpuattn.gather_pages(k_pages, block_table, seq_lens)
     v = cpuattn.gather_pages(v_pages, block_table, seq_lens)
-    ks = np.concatenate([k[b, :seq_lens[b]] for b in range(batch)]) if batch else k[0, :0]
-    vs = np.concatenate([v[b, :seq_lens[b]] for b in range(batch)]) if batch else v[0, :0]
+    ks = np.concatenate([k[b, :seq_lens[b]] for b in range(batch)]) if batch else k.reshape((-1,) + k.shape[2:])[:0]
+    vs = np.concatenate([v[b, :seq_lens[b]] for b in range(batch)]) if batch else v.reshape((-1,) + v.shape[2:])[:0]
     cu_k = np.concatenate([[0], np.cumsum(seq_lens)])
     return ref_varlen(q, ks.astype(np.float64), vs.astype(np.float64), cu_q, cu_k, causal=causal,
                       **opts)

@@ -602,7 +602,7 @@ def test_threads_hammer():
         t = Tracked(pool)  # each thread owns its sequences and checks their content
         try:
             while not stop.is_set():
-                op = rng.integers(6)
+                op = rng.integers(7)
                 if op == 0 or not t.want:
                     t.new()
                     continue
@@ -620,11 +620,22 @@ def test_threads_hammer():
                     t.truncate(s, int(rng.integers(0, pool.seq_len(s) + 1)))
                 elif op == 4:
                     t.free(s)
-                else:
+                elif op == 5:
                     k, v = pool.gather(s)
                     assert same_bits(k, t.want[s][0]) and same_bits(v, t.want[s][1])
                     table, lens = pool.block_table(list(t.want))
                     assert list(lens) == [len(w[0]) for w in t.want.values()]
+                elif len(t.want[s][0]):
+                    # attention over this thread's sequences while the others
+                    # append/fork/truncate/free on the same pool
+                    seqs = [x for x in t.want if len(t.want[x][0])]
+                    q = rng.standard_normal((len(seqs), 2, 4)).astype(np.float32)
+                    out = pool.attention(q, seqs)
+                    for b, x in enumerate(seqs):
+                        wk, wv = (w.astype(np.float64) for w in t.want[x])
+                        ref = cpuattn.reference_attention(q[b][None, None], wk[None], wv[None],
+                                                          causal=True)
+                        np.testing.assert_allclose(out[b], ref[0, 0], atol=2e-5, rtol=2e-5)
             for s in list(t.want):
                 k, v = pool.gather(s)
                 assert same_bits(k, t.want[s][0]) and same_bits(v, t.want[s][1])

@@ -33,6 +33,7 @@ def info():
         "simd_supported": _threads.supported_isas(),
         "num_threads": get_num_threads(),
         "usable_cpus": _threads.usable_cpus(),
+        "forked_serial": _threads.forked_serial(),
     }
 
 

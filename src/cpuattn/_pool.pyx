@@ -7,7 +7,10 @@ turned into exceptions here. A failed call changes nothing.
 """
 import importlib
 import numbers
+import os
 import sys
+import threading
+import weakref
 
 import numpy as np
 
@@ -54,6 +57,9 @@ cdef extern from "pool.h" nogil:
                         const int32_t *lens)
     void cpa_pool_refcounts(cpa_pool *p, int32_t *out)
     int cpa_pool_check(cpa_pool *p, char *msg, size_t msg_len)
+    void cpa_pool_fork_prepare(cpa_pool *p)
+    void cpa_pool_fork_parent(cpa_pool *p)
+    void cpa_pool_fork_child(cpa_pool *p)
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
 _INT64_MAX = 2**63 - 1
@@ -143,6 +149,7 @@ cdef class PagePool:
     cdef readonly int64_t num_pages, page_size, num_kv_heads, head_dim
     cdef readonly object dtype
     cdef int64_t _side_bytes
+    cdef object __weakref__
 
     def __cinit__(self, num_pages, page_size, num_kv_heads, head_dim, dtype="float32"):
         dims = [_positive_int(x, name) for x, name in (
@@ -162,9 +169,23 @@ cdef class PagePool:
                                self.head_dim, self.dtype.itemsize)
         if self._p == NULL:
             raise MemoryError(f"PagePool: cannot allocate 2 x {side} bytes of page storage")
+        _live_pools.add(self)
 
     def __dealloc__(self):
         cpa_pool_destroy(self._p)
+        self._p = NULL
+
+    cdef void _fork_hook(self, int stage) noexcept:
+        if self._p == NULL:
+            return
+        if stage == 0:
+            # with the GIL held: a thread inside a pool call never needs the
+            # GIL to finish it, and holding it keeps new calls out
+            cpa_pool_fork_prepare(self._p)
+        elif stage == 1:
+            cpa_pool_fork_parent(self._p)
+        else:
+            cpa_pool_fork_child(self._p)
 
     def __repr__(self):
         return (f"PagePool(num_pages={self.num_pages}, page_size={self.page_size}, "
@@ -476,3 +497,35 @@ cdef class PagePool:
             rc = cpa_pool_check(self._p, msg, sizeof(msg))
         if rc:
             raise AssertionError("PagePool invariant: " + msg.decode())
+
+
+# Every live pool, so that fork() never copies a pool lock held by another
+# thread into the child (where that thread does not exist). Pages pinned by
+# an attention call running in another thread at the moment of the fork stay
+# pinned in the child's copy of the pool.
+_live_pools = weakref.WeakSet()
+_forking = []
+_fork_lock = threading.Lock()  # one fork at a time between our hooks
+
+
+def _before_fork():
+    _fork_lock.acquire()
+    _forking[:] = list(_live_pools)
+    for pool in _forking:
+        (<PagePool>pool)._fork_hook(0)
+
+
+def _after_fork(int stage):
+    global _fork_lock
+    for pool in _forking:
+        (<PagePool>pool)._fork_hook(stage)
+    del _forking[:]
+    if stage == 1:
+        _fork_lock.release()
+    else:
+        _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=lambda: _after_fork(1),
+                        after_in_child=lambda: _after_fork(2))

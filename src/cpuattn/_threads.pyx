@@ -4,6 +4,14 @@ The thread count a call uses is ``min(cap, omp_get_max_threads())`` of the
 calling thread: ``cap`` is process-wide (set_num_threads), while OpenMP's own
 limit is per calling thread, so ``threadpoolctl.threadpool_limits`` and
 ``OMP_NUM_THREADS`` keep working, also from Python worker threads.
+
+Fork safety: GNU libgomp's worker threads do not survive ``fork()``, and a
+child that starts a parallel region with the team its parent left behind
+waits forever for threads that no longer exist. So once a kernel has asked
+for more than one thread, a child forked from this process (``os.fork``,
+``multiprocessing`` with the fork start method) runs every kernel serially,
+on its calling thread; results are bitwise the same (they never depend on
+the thread count). A child forked before any kernel ran keeps its threads.
 """
 import math
 import os
@@ -20,11 +28,36 @@ cdef extern from "platform.h" nogil:
 
 cdef int _cap = 1
 cdef int _isa = 0
+cdef int _team_used = 0      # a kernel may have started an OpenMP team here
+cdef int _fork_serial = 0    # forked after that: no usable team, run serially
+
+
+cdef inline int _threads_now() noexcept nogil:
+    if _fork_serial:
+        return 1
+    cdef int omp = cpa_omp_max_threads()
+    return _cap if _cap < omp else omp
 
 
 cdef int effective_threads() noexcept nogil:
-    cdef int omp = cpa_omp_max_threads()
-    return _cap if _cap < omp else omp
+    """Threads for a kernel call starting now (marks the team as used)."""
+    global _team_used
+    cdef int n = _threads_now()
+    if n > 1:
+        _team_used = 1
+    return n
+
+
+def _after_fork_in_child():
+    global _fork_serial
+    if _team_used:
+        _fork_serial = 1
+
+
+def forked_serial():
+    """True in a process forked after a kernel used OpenMP threads: every
+    kernel call then runs on the calling thread only (see the module doc)."""
+    return bool(_fork_serial)
 
 
 cdef int current_isa() noexcept nogil:
@@ -67,8 +100,9 @@ def usable_cpus():
 
 def get_num_threads():
     """Threads a kernel call from this Python thread uses now:
-    ``min(set_num_threads cap, omp_get_max_threads())``."""
-    return effective_threads()
+    ``min(set_num_threads cap, omp_get_max_threads())``, or 1 in a child
+    forked after the kernels used threads (see :func:`forked_serial`)."""
+    return _threads_now()
 
 
 def set_num_threads(n):
@@ -126,3 +160,5 @@ def _init():
 
 
 _init()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -88,6 +88,21 @@ void cpa_pool_destroy(cpa_pool *p)
     free(p);
 }
 
+void cpa_pool_fork_prepare(cpa_pool *p)
+{
+    LOCK(&p->lock);
+}
+
+void cpa_pool_fork_parent(cpa_pool *p)
+{
+    UNLOCK(&p->lock);
+}
+
+void cpa_pool_fork_child(cpa_pool *p)
+{
+    LOCK_INIT(&p->lock);
+}
+
 /* ---- helpers: all called with the lock held ---- */
 
 static int lookup(cpa_pool *p, int64_t seq, cpa_seq **out)

@@ -88,4 +88,12 @@ void cpa_pool_refcounts(cpa_pool *p, int32_t *out);
 /* 0 if every invariant holds, else nonzero with a message in msg. */
 int cpa_pool_check(cpa_pool *p, char *msg, size_t msg_len);
 
+/* fork(): take the lock before, release it in the parent after, and
+ * re-initialise it in the child (whose other threads are gone), so that a
+ * fork while another thread is inside a pool call cannot leave the child's
+ * copy locked forever. */
+void cpa_pool_fork_prepare(cpa_pool *p);
+void cpa_pool_fork_parent(cpa_pool *p);
+void cpa_pool_fork_child(cpa_pool *p);
+
 #endif
