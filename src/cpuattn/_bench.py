@@ -100,6 +100,8 @@ CASES = [
          note="fp32 q over bf16 pages"),
     Case("decode_mqa_ctx131072_fp32", "decode", 1, 4, 1, 128, 131072, dtype="float32",
          note="one long MQA sequence: needs split-KV"),
+    Case("decode_b1_ctx32768_fp32", "decode", 1, 32, 8, 128, 32768, dtype="float32",
+         note="one long GQA sequence: fewer kv heads than cores"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
     Case("backward_causal_s1024_fp32", "backward", 1, 16, 16, 64, 1024, True, "float32",
