@@ -81,24 +81,28 @@ static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size
 }
 
 /* The decode kernel reads the rows of a page in memory order, which the
- * hardware prefetchers follow; the next page of a chain can be anywhere in
- * the pool, so its first rows are fetched ahead explicitly. */
-#define CPA_DEC_PREFETCH 8   /* tokens ahead */
-#define CPA_DEC_PREFETCH_ROWS 2   /* rows fetched at the start of a page */
+ * hardware prefetchers follow once they have seen a few lines; the next page
+ * of a chain can be anywhere in the pool. So rows are fetched ahead
+ * explicitly: every row when a token's rows are short (the prefetchers would
+ * not warm up before the page ends), else only the first rows of each page. */
+#define CPA_DEC_PREFETCH 8            /* tokens ahead */
+#define CPA_DEC_PREFETCH_ROWS 2       /* rows fetched at the start of a page */
+#define CPA_DEC_PREFETCH_ALL 2048     /* token bytes up to which every row is fetched */
 
-/* If row i (< n) starts a new page, or is one of the first rows after the
- * start, prefetch its nh heads (`head` bytes apart, `bytes` each). */
-static inline void cpa_prefetch_page_start(const void *const *row, int64_t i, int64_t n,
-                                           int64_t tok, int64_t nh, int64_t head, int64_t bytes)
+/* Prefetch row i (< n) of nh heads (`head` bytes apart, `bytes` each), as above. */
+static inline void cpa_prefetch_ahead(const void *const *row, int64_t i, int64_t n, int64_t tok,
+                                      int64_t nh, int64_t head, int64_t bytes)
 {
     if (i >= n)
         return;
-    int64_t back = 1;
-    for (; back <= CPA_DEC_PREFETCH_ROWS && back <= i; back++)
-        if ((const char *)row[i - back + 1] != (const char *)row[i - back] + tok)
-            break;   /* row i - back + 1 starts a page */
-    if (back > CPA_DEC_PREFETCH_ROWS)
-        return;      /* deep inside a page: the hardware streams it */
+    if (nh * bytes > CPA_DEC_PREFETCH_ALL) {
+        int64_t back = 1;
+        for (; back <= CPA_DEC_PREFETCH_ROWS && back <= i; back++)
+            if ((const char *)row[i - back + 1] != (const char *)row[i - back] + tok)
+                break;   /* row i - back + 1 starts a page */
+        if (back > CPA_DEC_PREFETCH_ROWS)
+            return;      /* deep inside a page: the hardware streams it */
+    }
     for (int64_t h = 0; h < nh; h++)
         for (int64_t off = 0; off < bytes; off += 64)
             __builtin_prefetch((const char *)row[i] + h * head + off, 0, 3);

@@ -334,7 +334,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     for (int64_t i0 = 0; i0 < n; i0 += TB) {
         const int full = i0 + TB <= n;
         for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
-            cpa_prefetch_page_start((const void *const *)krow, i, n, a->k_tok * (int64_t)sizeof(KS), nh,
+            cpa_prefetch_ahead((const void *const *)krow, i, n, a->k_tok * (int64_t)sizeof(KS), nh,
                                     kh * sizeof(KS), Dk * sizeof(KS));
         for (int64_t hh = 0; hh < nh; hh++) {
             const T *q = qs + hh * M * qst;
@@ -388,7 +388,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     for (int64_t i0 = s0; i0 < s1; i0 += TB) {
         const int full = i0 + TB <= s1;
         for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
-            cpa_prefetch_page_start((const void *const *)vrow, i, s1, a->v_tok * (int64_t)sizeof(KS), nh,
+            cpa_prefetch_ahead((const void *const *)vrow, i, s1, a->v_tok * (int64_t)sizeof(KS), nh,
                                     vh * sizeof(KS), Dv * sizeof(KS));
         for (int64_t hh = 0; hh < nh; hh++) {
             T *ob = o + hh * M * Dv;
