@@ -190,3 +190,44 @@ static inline void TN(mk_cols1)(int64_t K, const T *const *acol, int64_t off, co
     for (int j = 0; j < NV; j++)
         TN(vst)(C + j * VL, c[j]);
 }
+
+#if CPA_HAS_DPBF16 && !T_IS_F64 && VBYTES == 64
+/* mk_rows on bfloat16 pairs with vdpbf16ps: C[i][:] = scale * sum_k
+ * arow[i][k] * B[k][:]. arow are bf16 rows with an even length (an odd K is
+ * padded with a 0); B row kp holds the (2kp, 2kp+1) bf16 pairs as 32-bit
+ * words. bf16 x bf16 products are exact in fp32 and the sums are fp32, so
+ * this is as accurate as the fp32 kernel on the same bf16 inputs; the scale
+ * multiplies the fp32 sum (a scaled Q rounded back to bf16 would lose bits).
+ * vdpbf16ps treats bf16 subnormals (< 1.2e-38) as 0. */
+static inline void TN(mk_rows_bf16)(int64_t K, const uint16_t *const *arow, const uint32_t *B,
+                                    int64_t ldb, T *C, int64_t ldc, T scale)
+{
+    __m512 c[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[i][j] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < (K + 1) / 2; kp++) {
+        __m512bh bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            bv[j] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + j * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            uint32_t w;
+            memcpy(&w, arow[i] + 2 * kp, sizeof w);
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)w);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c[i][j] = _mm512_dpbf16_ps(c[i][j], av, bv[j]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            _mm512_storeu_ps(C + i * ldc + j * VL, _mm512_mul_ps(c[i][j], s));
+}
+#endif
