@@ -87,7 +87,7 @@ static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size
 }
 
 typedef struct {
-    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, total;
+    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, pp, total;
 } cpa_tiled_layout;
 
 typedef struct {
@@ -124,6 +124,7 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->fix = cpa_take(&at, CPA_BK * sizeof(int64_t));
     L->vraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->kraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
     L->total = at;
 }
 
@@ -302,8 +303,9 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #pragma GCC pop_options
 #endif
 
-/* avx512 plus vdpbf16ps: only the bfloat16 kernel differs (its Q K^T runs
- * on bf16 pairs), the other dtypes reuse the avx512 items in the table. */
+/* avx512 plus vdpbf16ps: only the bfloat16 kernel differs (the tiled
+ * kernel's Q K^T and P V run on bf16 pairs; the decode kernel is the same
+ * source), the other dtypes reuse the avx512 items in the table. */
 #if CPA_HAVE_BF16_TARGET
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"))), apply_to = function)

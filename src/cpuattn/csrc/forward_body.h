@@ -137,10 +137,11 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             } else {
                 krow[i] = (const T *)kraw[i];
             }
+            vrow[i] = (const T *)vraw[i];   /* paired with the next row before P V */
 #else
             krow[i] = FN(row_as_t)(kraw[i], Dk, kc + i * Dk);
-#endif
             vrow[i] = FN(row_as_t)(vraw[i], Dv, vc + i * Dv);
+#endif
         }
         for (int64_t i = n; i < CPA_BK_PAD; i++) krow[i] = zero;
 
@@ -206,6 +207,21 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                 }
 
         /* O^T += V^T P^T */
+#if CPA_HAS_DPBF16
+        /* on bf16 pairs of keys: P is rounded to bf16 (relative error <= 2^-9
+         * per weight, unbiased; l keeps the fp32 sum), V is bf16 already */
+        uint32_t *VP = (uint32_t *)vc, *PP = (uint32_t *)(scratch + L.pp);
+        const int64_t n2 = (n + 1) / 2;
+        TN(pack_row_pairs)((const uint16_t *const *)vrow, n, Dv, (const uint16_t *)zero, VP);
+        TN(pack_p_pairs)(ST, n, Mp, PP);
+        for (int64_t c = 0; c < Mp; c += NVL) {
+            int64_t d0 = 0;
+            for (; d0 + MR <= Dv; d0 += MR)
+                TN(mk_cols_bf16)(MR, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+            for (; d0 < Dv; d0++)
+                TN(mk_cols_bf16)(1, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+        }
+#else
         for (int64_t c = 0; c < Mp; c += NVL) {
             int64_t d0 = 0;
             for (; d0 + MR <= Dv; d0 += MR)
@@ -213,6 +229,7 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             for (; d0 < Dv; d0++)
                 TN(mk_cols1)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c);
         }
+#endif
         for (int64_t f = 0; f < nfix; f++) {
             const int64_t i = fix[f], j = j0 + i;
             for (int64_t r = 0; r < M; r++)
