@@ -9,6 +9,7 @@
  *
  *   cc -O2 -std=gnu11 -Isrc/cpuattn/csrc tests/native/attn_check.c \
  *      src/cpuattn/csrc/forward.c src/cpuattn/csrc/platform.c -lm
+ * (add -fsanitize=address,undefined to catch reads past a row or a buffer)
  */
 #include <math.h>
 #include <stdio.h>
@@ -96,10 +97,10 @@ static int run_case(const tcase *c, int isa)
     }
     const int64_t spare = P ? 2 : 0;
     const int64_t krows = P ? (pages + spare) * P : tk;
-    void *q = malloc((size_t)(tq * H * Dk) * qs + 8);
-    void *k = malloc((size_t)(krows * Hkv * Dk) * ks + 8);
-    void *v = malloc((size_t)(krows * Hkv * Dv) * ks + 8);
-    void *out = malloc((size_t)(tq * H * Dv) * qs + 8);
+    void *q = malloc((size_t)(tq * H * Dk) * qs);   /* exact sizes: a sanitizer build sees over-reads */
+    void *k = malloc((size_t)(krows * Hkv * Dk) * ks);
+    void *v = malloc((size_t)(krows * Hkv * Dv) * ks);
+    void *out = malloc((size_t)(tq * H * Dv) * qs);
     void *lse = malloc((size_t)(H * tq) * 8 + 8);
     int32_t *bt = calloc((size_t)(c->nseq * width), sizeof(int32_t));
     double *kref = malloc((size_t)(tk * Hkv * Dk) * 8), *vref = malloc((size_t)(tk * Hkv * Dv) * 8);
