@@ -6,7 +6,7 @@ import pytest
 
 import cpuattn
 from cpuattn import CpuAttnError, DTypeError, ShapeError
-from conftest import BF16, randn, ref_varlen, tol
+from conftest import BF16, make_pages, randn, ref_paged, ref_varlen, tol
 
 # (batch, seq_q, seq_k, heads, kv_heads, head_dim)
 SHAPES = [
@@ -267,3 +267,77 @@ def test_read_only_out_and_varlen_errors(rng):
             cpuattn.attention_varlen(q, k, v, np.array(bad_q), np.array(bad_k))
     with pytest.raises(DTypeError, match="cu_seqlens_q"):
         cpuattn.attention_varlen(q, k, v, cu_q.astype(np.float32), cu_k)
+
+
+# bfloat16 storage on every path (avx512bf16 runs Q K^T on bf16 pairs). Shapes
+# with g * seq_q > 8 take the tiled kernel; odd head_dim pads the last pair.
+BF16_SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (1, 100, 130, 8, 2, 40),
+    (2, 63, 65, 3, 1, 80),        # group of 3
+    (1, 200, 70, 4, 4, 33),       # seq_q > seq_k, odd head_dim, no GQA
+    (1, 129, 129, 6, 3, 96),
+    (1, 70, 600, 8, 8, 112),
+    (1, 40, 1100, 4, 1, 128),     # group of 4, split-KV chunks
+    (1, 17, 33, 16, 2, 256),      # group of 8
+    (1, 1, 300, 8, 1, 64),        # decode-shaped
+]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window": (20, 5), "softcap": 3.0}],
+                         ids=["full", "causal", "window-softcap"])
+def test_bfloat16_every_simd_path(rng, each_isa, shape, opts):
+    if BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    b, sq, sk, h, hkv, d = shape
+    q, k, v = (randn(rng, s).astype(BF16) for s in [(b, sq, h, d), (b, sk, hkv, d), (b, sk, hkv, d)])
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, **opts)
+    ref, ref_lse = cpuattn.reference_attention(q, k, v, return_lse=True, **opts)
+    assert out.dtype == BF16
+    np.testing.assert_allclose(out.astype(np.float64), ref, **tol(BF16))
+    # lse is float32 and sees only the scores: the bf16 inputs are exact, so
+    # it must be as close as the float32 kernel's (a Q rounded to bf16 after
+    # scaling, or bf16 accumulation, would fail this)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=2e-5, rtol=2e-5)
+
+
+def test_bfloat16_masked_rows_and_hidden_nan(rng, each_isa):
+    if BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    # seq_q > seq_k causal: the first rows see no key -> exactly 0, lse -inf
+    q, k, v = (randn(rng, s).astype(BF16) for s in [(1, 90, 4, 48), (1, 70, 2, 48), (1, 70, 2, 48)])
+    out, lse = cpuattn.attention(q, k, v, causal=True, return_lse=True)
+    assert np.all(out[0, :20].astype(np.float32) == 0) and np.all(np.isneginf(lse[0, :, :20]))
+    assert np.isfinite(lse[0, :, 20:]).all()
+    # NaN keys / inf values hidden by the causal mask must not leak
+    q, k, v = (randn(rng, s).astype(BF16) for s in [(1, 100, 8, 40), (1, 100, 2, 40), (1, 100, 2, 40)])
+    clean = cpuattn.attention(q, k, v, causal=True)
+    k2, v2 = k.copy(), v.copy()
+    k2[0, 70:] = np.nan
+    v2[0, 70:] = np.inf
+    dirty = cpuattn.attention(q, k2, v2, causal=True)
+    np.testing.assert_array_equal(dirty[0, :70].view(np.uint16), clean[0, :70].view(np.uint16))
+    assert np.all(np.isnan(dirty[0, 70:].astype(np.float32)))
+    # an inf key seen by a row gives NaN there (inf * q - inf), not a finite value
+    k3 = k.copy()
+    k3[0, 5, 0, 0] = np.inf
+    out3 = cpuattn.attention(q, k3, v, causal=True).astype(np.float32)
+    assert np.isnan(out3[0, 5:, :4]).any() and np.isfinite(out3[0, :5]).all()
+    assert np.isfinite(out3[0, :, 4:]).all()   # the other KV head never sees it
+
+
+def test_bfloat16_paged_prefill_every_simd_path(rng, each_isa):
+    if BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    kp, vp, bt, lens = make_pages(rng, [700, 5, 64], 16, 2, 72, dtype=BF16)
+    cu = np.array([0, 20, 22, 86], np.int32)
+    q = randn(rng, (86, 8, 72))
+    for qd in (BF16, np.float32):   # float32 queries keep the float32 Q K^T
+        qq = q.astype(qd)
+        out = cpuattn.paged_attention(qq, kp, vp, bt, lens, cu_seqlens_q=cu, window=(100, 0))
+        ref = ref_paged(qq, kp, vp, bt, lens, cu, window=(100, 0))[0]
+        t = tol(BF16) if qd is BF16 else dict(atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(out.astype(np.float64), ref, **t)

@@ -12,7 +12,7 @@ def test_info_reports_build_and_runtime():
     info = cpuattn.info()
     for key in ("version", "compiler", "openmp", "simd", "num_threads"):
         assert key in info
-    assert info["simd"] in ("scalar", "avx2", "avx512", "neon")
+    assert info["simd"] in ("scalar", "avx2", "avx512", "avx512bf16", "neon")
     assert info["num_threads"] == cpuattn.get_num_threads()
 
 

@@ -177,7 +177,9 @@ static const cpa_bwd_item_fn cpa_bwd_table[CPA_ISA_COUNT][2][2] = {
 #ifdef CPA_X86_DISPATCH
     CPA_BWD_ROW(avx2),
     CPA_BWD_ROW(avx512),
+    CPA_BWD_ROW(avx512),   /* avx512bf16: the backward computes in fp32 */
 #else
+    { { 0, 0 }, { 0, 0 } },
     { { 0, 0 }, { 0, 0 } },
     { { 0, 0 }, { 0, 0 } },
 #endif

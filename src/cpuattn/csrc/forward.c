@@ -109,7 +109,7 @@ static inline void cpa_prefetch_ahead(const void *const *row, int64_t i, int64_t
 }
 
 typedef struct {
-    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, total;
+    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, pp, total;
 } cpa_tiled_layout;
 
 typedef struct {
@@ -146,6 +146,7 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->fix = cpa_take(&at, CPA_BK * sizeof(int64_t));
     L->vraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->kraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
     L->total = at;
 }
 
@@ -270,6 +271,7 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CPA_X86_DISPATCH 1
 #endif
+#define CPA_HAS_DPBF16 0   /* 1 only in the avx512bf16 region below */
 
 /* ---- baseline (SSE2 on x86-64, NEON on aarch64) ---- */
 #define ISA_TAG base
@@ -330,6 +332,54 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #else
 #pragma GCC pop_options
 #endif
+
+/* avx512 plus vdpbf16ps: only the bfloat16 kernel differs (the tiled
+ * kernel's Q K^T and P V run on bf16 pairs; the decode kernel is the same
+ * source), the other dtypes reuse the avx512 items in the table. */
+#if CPA_HAVE_BF16_TARGET
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")
+#endif
+#define ISA_TAG avx512bf16
+#define VBYTES 64
+#define MR 8
+#define NV 2
+#define CPA_HAS_F16C 1
+#undef CPA_HAS_DPBF16
+#define CPA_HAS_DPBF16 1
+#define T float
+#define T_IS_F64 0
+#define TTAG f32
+#include "simd_t.h"
+#define KS uint16_t
+#define KSTAG bf16
+#define KS_KIND CPA_KIND_BF16
+#include "forward_body.h"
+#undef KS
+#undef KSTAG
+#undef KS_KIND
+#undef T
+#undef T_IS_F64
+#undef TTAG
+#undef ISA_TAG
+#undef VBYTES
+#undef MR
+#undef NV
+#undef CPA_HAS_F16C
+#undef CPA_HAS_DPBF16
+#define CPA_HAS_DPBF16 0
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#define CPA_BF16_ITEM item_avx512bf16_f32_bf16
+#else
+#define CPA_BF16_ITEM item_avx512_f32_bf16
+#endif
 #endif /* CPA_X86_DISPATCH */
 
 #define CPA_TABLE_ROW(isa) \
@@ -340,7 +390,9 @@ static const cpa_fwd_item_fn cpa_fwd_table[CPA_ISA_COUNT][4] = {
 #ifdef CPA_X86_DISPATCH
     CPA_TABLE_ROW(avx2),
     CPA_TABLE_ROW(avx512),
+    { item_avx512_f32_f32, item_avx512_f64_f64, item_avx512_f32_f16, CPA_BF16_ITEM },
 #else
+    {0, 0, 0, 0},
     {0, 0, 0, 0},
     {0, 0, 0, 0},
 #endif
@@ -353,6 +405,10 @@ cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     const int q64 = a->q_dtype == CPA_F64, kv64 = a->kv_dtype == CPA_F64;
     if (q64 != kv64)
         return 0;   /* float64 compute needs float64 everywhere */
+    /* the bf16-pair Q K^T needs Q in bfloat16 too (rounding a float32 Q to
+     * bf16 would lose precision the caller asked for) */
+    if (isa == CPA_ISA_AVX512BF16 && a->q_dtype != CPA_BF16)
+        isa = CPA_ISA_AVX512;
     return cpa_fwd_table[isa][a->kv_dtype];
 }
 

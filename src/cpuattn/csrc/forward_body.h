@@ -86,6 +86,9 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     T *kc = (T *)(scratch + L.kc), *vc = (T *)(scratch + L.vc), *zero = (T *)(scratch + L.zero);
     int64_t *fix = (int64_t *)(scratch + L.fix);
     const KS **vraw = (const KS **)(scratch + L.vraw), **kraw = (const KS **)(scratch + L.kraw);
+#if CPA_HAS_DPBF16
+    uint32_t *QP = (uint32_t *)QT;   /* ceil(Dk/2) rows of Mp bf16 pairs: fits in Q^T */
+#endif
 
     /* Q^T, pre-scaled; rows r = t * g + head-in-group; padding lanes are 0. */
     memset(QT, 0, (size_t)(Dk * Mp) * sizeof(T));
@@ -93,7 +96,14 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     for (int64_t r = 0; r < Mp; r++) {
         if (r < M) {
             int64_t t = t0 + r / g, head = kvh * g + r % g, rl, rh;
+#if CPA_HAS_DPBF16
+            /* bf16 Q as (d, d+1) pairs, unscaled (mk_rows_bf16 scales) */
+            const uint16_t *qr = (const uint16_t *)a->q + a->q_off[b] + t * a->q_tok + head * a->q_head;
+            for (int64_t d = 0; d < Dk; d += 2)
+                QP[d / 2 * Mp + r] = qr[d] | (d + 1 < Dk ? (uint32_t)qr[d + 1] << 16 : 0);
+#else
             RN_CALL(load_q_row)(a, a->q_off[b] + t * a->q_tok + head * a->q_head, QT + r, Mp, (T)a->scale);
+#endif
             cpa_row_interval(a, nq, Sk, t, &rl, &rh);
             lo[r] = (TN(ielem))rl; hi[r] = (TN(ielem))rh;
             if (rl > ilo) ilo = rl;
@@ -104,8 +114,8 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         m[r] = -INFINITY; l[r] = 0;
     }
     memset(OT, 0, (size_t)(Dv * Mp) * sizeof(T));
-    /* the zero row stands in for padding keys and for hidden non-finite
-     * value rows in the shared products: it must really be zero */
+    /* scratch is malloc'ed: the zero row must be written, it stands in for
+     * padded keys and for hidden non-finite value rows in the products */
     memset(zero, 0, (size_t)cpa_max(Dk, Dv) * sizeof(T));
     for (int64_t i = 0; i < CPA_BK_PAD; i++) krow[i] = zero;
 
@@ -116,8 +126,22 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k_tok, a->k_page, j0, n, (const void **)kraw);
         cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v_tok, a->v_page, j0, n, (const void **)vraw);
         for (int64_t i = 0; i < n; i++) {
+#if CPA_HAS_DPBF16
+            /* K stays bf16; an odd row gets a 0 pad so its last pair is not
+             * read past the row (the next element may be NaN or unmapped) */
+            if (Dk % 2) {
+                uint16_t *kp = (uint16_t *)kc + i * (Dk + 1);
+                memcpy(kp, kraw[i], (size_t)Dk * sizeof(uint16_t));
+                kp[Dk] = 0;
+                krow[i] = (const T *)kp;
+            } else {
+                krow[i] = (const T *)kraw[i];
+            }
+            vrow[i] = (const T *)vraw[i];   /* paired with the next row before P V */
+#else
             krow[i] = FN(row_as_t)(kraw[i], Dk, kc + i * Dk);
             vrow[i] = FN(row_as_t)(vraw[i], Dv, vc + i * Dv);
+#endif
         }
         for (int64_t i = n; i < CPA_BK_PAD; i++) krow[i] = zero;
 
@@ -125,7 +149,12 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         const int64_t nkp = cpa_roundup(n, MR);
         for (int64_t i0 = 0; i0 < nkp; i0 += MR)
             for (int64_t c = 0; c < Mp; c += NVL)
+#if CPA_HAS_DPBF16
+                TN(mk_rows_bf16)(Dk, (const uint16_t *const *)(krow + i0), QP + c, Mp,
+                                 ST + i0 * Mp + c, Mp, (T)a->scale);
+#else
                 TN(mk_rows)(Dk, krow + i0, QT + c, Mp, ST + i0 * Mp + c, Mp);
+#endif
 
         /* softcap first, then the mask (a capped -inf would become finite) */
         if (cap > 0)
@@ -178,6 +207,21 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                 }
 
         /* O^T += V^T P^T */
+#if CPA_HAS_DPBF16
+        /* on bf16 pairs of keys: P is rounded to bf16 (relative error <= 2^-9
+         * per weight, unbiased; l keeps the fp32 sum), V is bf16 already */
+        uint32_t *VP = (uint32_t *)vc, *PP = (uint32_t *)(scratch + L.pp);
+        const int64_t n2 = (n + 1) / 2;
+        TN(pack_row_pairs)((const uint16_t *const *)vrow, n, Dv, (const uint16_t *)zero, VP);
+        TN(pack_p_pairs)(ST, n, Mp, PP);
+        for (int64_t c = 0; c < Mp; c += NVL) {
+            int64_t d0 = 0;
+            for (; d0 + MR <= Dv; d0 += MR)
+                TN(mk_cols_bf16)(MR, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+            for (; d0 < Dv; d0++)
+                TN(mk_cols_bf16)(1, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+        }
+#else
         for (int64_t c = 0; c < Mp; c += NVL) {
             int64_t d0 = 0;
             for (; d0 + MR <= Dv; d0 += MR)
@@ -185,6 +229,7 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             for (; d0 < Dv; d0++)
                 TN(mk_cols1)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c);
         }
+#endif
         for (int64_t f = 0; f < nfix; f++) {
             const int64_t i = fix[f], j = j0 + i;
             for (int64_t r = 0; r < M; r++)

@@ -33,13 +33,21 @@ int cpa_isa_best(void)
     if (__get_cpuid_max(0, 0) < 7)
         return CPA_ISA_SCALAR;
     __cpuid_count(7, 0, a, b, c, d);
+    unsigned int max_subleaf = a;
     int avx2 = (b >> 5) & 1;
     int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1,
         avx512vl = (b >> 31) & 1;
     if (!avx2)
         return CPA_ISA_SCALAR;
-    if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6)
+    if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6) {
+        /* leaf 7 sub-leaf 1, EAX bit 5: AVX512_BF16 (no extra OS state) */
+        if (max_subleaf >= 1) {
+            __cpuid_count(7, 1, a, b, c, d);
+            if (CPA_HAVE_BF16_TARGET && ((a >> 5) & 1))
+                return CPA_ISA_AVX512BF16;
+        }
         return CPA_ISA_AVX512;
+    }
     return CPA_ISA_AVX2;
 #else
     return CPA_ISA_SCALAR;
@@ -51,6 +59,7 @@ const char *cpa_isa_name(int isa)
     switch (isa) {
     case CPA_ISA_AVX2: return "avx2";
     case CPA_ISA_AVX512: return "avx512";
+    case CPA_ISA_AVX512BF16: return "avx512bf16";
     default:
 #if defined(__aarch64__)
         return "scalar";  /* 128-bit vectors: NEON through the compiler */

@@ -211,3 +211,140 @@ static inline void TN(mk_cols1)(int64_t K, const T *const *acol, int64_t off, co
     for (int j = 0; j < NV; j++)
         TN(vst)(C + j * VL, c[j]);
 }
+
+#if CPA_HAS_DPBF16 && !T_IS_F64 && VBYTES == 64
+/* mk_rows on bfloat16 pairs with vdpbf16ps: C[i][:] = scale * sum_k
+ * arow[i][k] * B[k][:]. arow are bf16 rows with an even length (an odd K is
+ * padded with a 0); B row kp holds the (2kp, 2kp+1) bf16 pairs as 32-bit
+ * words. bf16 x bf16 products are exact in fp32 and the sums are fp32, so
+ * this is as accurate as the fp32 kernel on the same bf16 inputs; the scale
+ * multiplies the fp32 sum (a scaled Q rounded back to bf16 would lose bits).
+ * vdpbf16ps treats bf16 subnormals (< 1.2e-38) as 0. */
+static inline void TN(mk_rows_bf16)(int64_t K, const uint16_t *const *arow, const uint32_t *B,
+                                    int64_t ldb, T *C, int64_t ldc, T scale)
+{
+    __m512 c[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[i][j] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < (K + 1) / 2; kp++) {
+        __m512bh bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            bv[j] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + j * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            uint32_t w;
+            memcpy(&w, arow[i] + 2 * kp, sizeof w);
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)w);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c[i][j] = _mm512_dpbf16_ps(c[i][j], av, bv[j]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            _mm512_storeu_ps(C + i * ldc + j * VL, _mm512_mul_ps(c[i][j], s));
+}
+
+/* mk_cols on bfloat16 pairs: C[i][:] += sum_kp A[kp][off+i] . B[kp][:] for
+ * MR rows (rows = MR) or one row (rows = 1), where A and B rows hold
+ * (2kp, 2kp+1) pairs as 32-bit words; the dot of a pair is exact in fp32. */
+static inline void TN(mk_cols_bf16)(int rows, int64_t K2, const uint32_t *A, int64_t lda,
+                                    int64_t off, const uint32_t *B, int64_t ldb, T *C,
+                                    int64_t ldc)
+{
+    __m512 c[MR][NV];
+    if (rows == 1) {
+        __m512 c1[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c1[j] = _mm512_loadu_ps(C + j * VL);
+        for (int64_t kp = 0; kp < K2; kp++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)A[kp * lda + off]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c1[j] = _mm512_dpbf16_ps(c1[j], av,
+                                         (__m512bh)_mm512_loadu_si512(B + kp * ldb + j * VL));
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            _mm512_storeu_ps(C + j * VL, c1[j]);
+        return;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            c[i][j] = _mm512_loadu_ps(C + i * ldc + j * VL);
+    for (int64_t kp = 0; kp < K2; kp++) {
+        __m512bh bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            bv[j] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + j * VL);
+        const uint32_t *a = A + kp * lda + off;
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[i]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++)
+                c[i][j] = _mm512_dpbf16_ps(c[i][j], av, bv[j]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++)
+            _mm512_storeu_ps(C + i * ldc + j * VL, c[i][j]);
+}
+
+/* Two fp32 rows (keys 2kp, 2kp+1) as VL bf16 pairs, rounded to nearest even
+ * by the hardware (NaN stays NaN). */
+static inline __m512i TN(pair_bf16)(__m512 lo, __m512 hi)
+{
+    /* cvtne2ps puts lo in words 0..15 and hi in 16..31: interleave them */
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+    return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+/* Rows 0..n-1 of P (fp32, row stride ld) as ceil(n/2) rows of bf16 pairs;
+ * an odd n pairs the last row with 0. */
+static inline void TN(pack_p_pairs)(const T *P, int64_t n, int64_t ld, uint32_t *out)
+{
+    for (int64_t i = 0; i < n; i += 2)
+        for (int64_t c = 0; c < ld; c += VL) {
+            __m512 lo = _mm512_loadu_ps(P + i * ld + c);
+            __m512 hi = i + 1 < n ? _mm512_loadu_ps(P + (i + 1) * ld + c) : _mm512_setzero_ps();
+            _mm512_storeu_si512(out + i / 2 * ld + c, TN(pair_bf16)(lo, hi));
+        }
+}
+
+/* bf16 rows 0..n-1 (D elements each) interleaved two by two into ceil(n/2)
+ * rows of D pairs; an odd n pairs the last row with the zero row. */
+static inline void TN(pack_row_pairs)(const uint16_t *const *rows, int64_t n, int64_t D,
+                                      const uint16_t *zero, uint32_t *out)
+{
+    typedef uint16_t h_t __attribute__((vector_size(VBYTES / 2)));
+    typedef uint32_t w_t __attribute__((vector_size(VBYTES)));
+    for (int64_t i = 0; i < n; i += 2) {
+        const uint16_t *r0 = rows[i], *r1 = i + 1 < n ? rows[i + 1] : zero;
+        uint32_t *o = out + i / 2 * D;
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) {
+            h_t h0, h1;
+            memcpy(&h0, r0 + d, sizeof h0);
+            memcpy(&h1, r1 + d, sizeof h1);
+            w_t w = __builtin_convertvector(h0, w_t) | __builtin_convertvector(h1, w_t) << 16;
+            memcpy(o + d, &w, sizeof w);
+        }
+        for (; d < D; d++) o[d] = r0[d] | (uint32_t)r1[d] << 16;
+    }
+}
+#endif

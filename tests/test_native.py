@@ -1,0 +1,43 @@
+"""The C forward engine without Python (tests/native/attn_check.c): every
+SIMD path of this CPU against a float64 reference, with NaN-filled scratch;
+and the same check cross-compiled for aarch64 under qemu-user when the cross
+toolchain is installed (CI does not install it: tools/check_aarch64.sh)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "src", "cpuattn", "csrc")
+
+
+def _report(r):
+    return r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")
+def test_native_engine_every_simd_path(tmp_path):
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    exe = str(tmp_path / "attn_check")
+    build = subprocess.run(
+        [cc, "-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
+         "-Wno-unknown-pragmas", "-I" + CSRC, os.path.join(ROOT, "tests", "native", "attn_check.c"),
+         os.path.join(CSRC, "forward.c"), os.path.join(CSRC, "platform.c"), "-lm", "-o", exe],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, _report(r)
+    assert "\n0 of " in r.stdout and "FAIL" not in r.stdout, _report(r)
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="aarch64 cross toolchain / qemu-user not installed")
+def test_aarch64_under_qemu():
+    r = subprocess.run(["sh", os.path.join(ROOT, "tools", "check_aarch64.sh")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, _report(r)
+    assert "\n0 of " in r.stdout and "FAIL" not in r.stdout, _report(r)
