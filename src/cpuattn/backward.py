@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _backward
 from . import _validate as V
-from .dense import _check_dense_dtypes, _check_kv
+from .dense import _check_cu_seqlens_qk, _check_dense_qkv, _check_kv, _check_packed_qkv
 from .errors import DTypeError, ShapeError
 
 
@@ -94,20 +94,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     """
     dout, q, k, v, out = (V.as_array(x, n) for x, n in
                           ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    _check_dense_dtypes(q, k, v)
-    b, sq = q.shape[:2]
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
-    sk = k.shape[1]
-    if v.shape[1] != sk:
-        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 2)
-    for name, n in (("seq_q", sq), ("seq_k", sk)):
-        if n > V.INDEX_MAX:
-            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
+    _, (b, sq, sk), (h, hkv, d, dv) = _check_dense_qkv(q, k, v)
     layout = "(batch, seq_q, num_heads, head_dim_v)"
     _check_like(out, "out", (b, sq, h, dv), q.dtype, layout)
     _check_like(dout, "dout", (b, sq, h, dv), q.dtype, layout)
@@ -146,23 +133,13 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """
     dout, q, k, v, out = (V.as_array(x, n) for x, n in
                           ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
-    _check_dense_dtypes(q, k, v)
-    if v.shape[0] != k.shape[0]:
-        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 1)
+    _, (h, hkv, d, dv) = _check_packed_qkv(q, k, v)
     total = q.shape[0]
     layout = "(total_q, num_heads, head_dim_v)"
     _check_like(out, "out", (total, h, dv), q.dtype, layout)
     _check_like(dout, "dout", (total, h, dv), q.dtype, layout)
     lse = _check_lse(lse, (h, total), q.dtype, "(num_heads, total_q)")
-    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total)
-    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cuq.shape != cuk.shape:
-        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
-                         f"got {cuk.shape}")
+    cuq, cuk = _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, total, k.shape[0])
     opts = V.check_options(scale, window, softcap, causal, d)
     grads = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
     return tuple(g.astype(q.dtype, copy=False) for g in grads)
