@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import cpuattn
-from cpuattn import _threads
 from cpuattn.reference import visible_mask
 
 
@@ -69,14 +68,6 @@ def assert_grads_close(got, want, rtol):
         np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=name)
 
 
-@pytest.fixture(params=_threads.supported_isas())
-def isa(request):
-    old = _threads.get_isa()
-    _threads.set_isa(request.param)
-    yield request.param
-    _threads.set_isa(old)
-
-
 # (b, sq, sk, h, hkv, d, dv, options)
 CASES = [
     (2, 37, 37, 4, 4, 32, 32, {}),
@@ -108,7 +99,7 @@ def test_float64_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[7], CASES[10], CASES[11]])
-def test_every_isa(case, isa):
+def test_every_isa(case, each_isa):
     b, sq, sk, h, hkv, d, dv, opts = case
     rng = np.random.default_rng(2)
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 3e-5)):

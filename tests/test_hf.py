@@ -13,13 +13,9 @@ from cpuattn import CpuAttnError, ShapeError  # noqa: E402
 VOCAB = 128
 
 
-def make_models(num_kv_heads=2):
-    """The same tiny random Llama twice: eager and cpuattn."""
+def twin_models(cfg):
+    """The same random model (from cfg) twice: eager and cpuattn."""
     cpuattn_hf.register()
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, vocab_size=VOCAB, max_position_embeddings=128,
-        pad_token_id=0, torch_dtype=torch.float32)
     torch.manual_seed(0)
     # each model needs its own config: from_config writes _attn_implementation into it
     eager = transformers.AutoModelForCausalLM.from_config(
@@ -27,6 +23,15 @@ def make_models(num_kv_heads=2):
     ours = transformers.AutoModelForCausalLM.from_config(
         copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
     ours.load_state_dict(eager.state_dict())
+    return eager, ours
+
+
+def make_models(num_kv_heads=2):
+    """The same tiny random Llama twice: eager and cpuattn."""
+    eager, ours = twin_models(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, vocab_size=VOCAB, max_position_embeddings=128,
+        pad_token_id=0, torch_dtype=torch.float32))
     assert ours.config._attn_implementation == "cpuattn"
     assert eager.config._attn_implementation == "eager"
     return eager, ours
@@ -62,25 +67,23 @@ def test_single_sequence_logits(num_kv_heads):
         torch.testing.assert_close(ours(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_left_padded_batch_logits(models):
+def assert_same_logits(models, ids, mask):
+    """Both models agree on the logits of every non-padding position."""
     eager, ours = models
-    ids, mask = left_padded([11, 4, 8], 11)
     with torch.no_grad():
         a = eager(ids, attention_mask=mask).logits
         b = ours(ids, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_logits(models):
+    assert_same_logits(models, *left_padded([11, 4, 8], 11))
 
 
 def test_right_padded_batch_logits(models):
-    eager, ours = models
     ids, mask = left_padded([9, 3], 9, seed=2)
-    ids, mask = ids.flip(1), mask.flip(1)
-    with torch.no_grad():
-        a = eager(ids, attention_mask=mask).logits
-        b = ours(ids, attention_mask=mask).logits
-    keep = mask.bool()
-    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+    assert_same_logits(models, ids.flip(1), mask.flip(1))
 
 
 def test_greedy_generate_identical(models):
@@ -173,21 +176,12 @@ def test_half_and_double_tensors(dtype, tol):
 
 def test_sliding_window_model():
     """Mistral-style sliding window (mask and window kwarg), left-padded."""
-    cpuattn_hf.register()
-    cfg = transformers.MistralConfig(
+    eager, ours = twin_models(transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4, pad_token_id=0)
-    torch.manual_seed(0)
-    eager = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(cfg), attn_implementation="eager").eval()
-    ours = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
-    ours.load_state_dict(eager.state_dict())
+        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4, pad_token_id=0))
     ids, mask = left_padded([12, 7], 12, seed=7)
+    assert_same_logits((eager, ours), ids, mask)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        a = eager(ids, attention_mask=mask).logits
-        b = ours(ids, attention_mask=mask).logits
-        torch.testing.assert_close(b[mask.bool()], a[mask.bool()], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
                                    rtol=0, atol=0)

@@ -12,7 +12,7 @@ from libc.string cimport memset
 from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 
-from ._threads cimport current_isa, effective_threads
+from ._threads cimport current_isa, team_size
 
 cnp.import_array()
 
@@ -56,11 +56,6 @@ cdef extern from "backward.h" nogil:
     int64_t cpa_bwd_plan(const cpa_bwd_args *a, int pass_, cpa_bwd_item *items)
     size_t cpa_bwd_scratch_bytes(const cpa_bwd_args *a)
     cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass_, int isa)
-
-# Below this many (query row x key x head_dim) multiply-adds a call stays on
-# the calling thread: waking an OpenMP team costs microseconds.
-cdef int64_t SERIAL_WORK = 1 << 17
-
 
 cdef inline const int64_t *i64(cnp.ndarray a):
     return <const int64_t *>cnp.PyArray_DATA(a)
@@ -137,17 +132,14 @@ cdef void run(cpa_bwd_args *a, int64_t work) except *:
     cdef cpa_bwd_item *q_items = <cpa_bwd_item *>malloc((n_q + 1) * sizeof(cpa_bwd_item))
     cdef char *scratch_raw = NULL
     cdef char *scratch
-    cdef int nt = effective_threads(), tid
+    cdef int nt, tid
     cdef size_t per_thread = (cpa_bwd_scratch_bytes(a) + 63) // 64 * 64
     try:
         if kv_items == NULL or q_items == NULL:
             raise MemoryError("cpuattn: cannot allocate the work list")
         cpa_bwd_plan(a, CPA_BWD_KV, kv_items)
         cpa_bwd_plan(a, CPA_BWD_Q, q_items)
-        if nt > n_kv and nt > n_q:
-            nt = <int>(n_kv if n_kv > n_q else n_q)
-        if work < SERIAL_WORK or nt < 1:
-            nt = 1
+        nt = team_size(n_kv if n_kv > n_q else n_q, work)
         scratch_raw = <char *>malloc(per_thread * nt + 64)
         if scratch_raw == NULL:
             raise MemoryError("cpuattn: cannot allocate kernel scratch")

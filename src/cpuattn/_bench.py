@@ -189,12 +189,16 @@ def _ref_fits(batch, heads, seq_q, seq_k, head_dim):
 
 # --- case builders: name -> (fn, to_common_layout) or Skip -----------------
 
-def _build_prefill(c, rng, torch):
+def _dense_qkv(c, rng):
+    """Random q, k, v of a dense case (batch, seq, heads, head_dim) in its dtype."""
     dt = _np_dtype(c.dtype)
     b, h, hkv, s, d = c.batch, c.num_heads, c.num_kv_heads, c.seq, c.head_dim
-    q = _randn(rng, (b, s, h, d), dt)
-    k = _randn(rng, (b, s, hkv, d), dt)
-    v = _randn(rng, (b, s, hkv, d), dt)
+    return (_randn(rng, (b, s, h, d), dt), _randn(rng, (b, s, hkv, d), dt),
+            _randn(rng, (b, s, hkv, d), dt))
+
+
+def _build_prefill(c, rng, torch):
+    q, k, v = _dense_qkv(c, rng)
     impls = {"cpuattn": (lambda: cpuattn.attention(q, k, v, causal=c.causal), _f64)}
     if torch is None:
         impls["torch_sdpa"] = Skip("unavailable: torch is not installed")
@@ -206,7 +210,7 @@ def _build_prefill(c, rng, torch):
                 return _sdpa(torch, tq, tk, tv, c.causal)
         impls["torch_sdpa"] = (run_torch, lambda o: _from_torch(o).transpose(0, 2, 1, 3))
     impls["torch_paged"] = Skip("n/a: dense case")
-    if _ref_fits(b, h, s, s, d):
+    if _ref_fits(c.batch, c.num_heads, c.seq, c.seq, c.head_dim):
         impls["reference"] = (lambda: cpuattn.reference_attention(q, k, v, causal=c.causal), _f64)
     else:
         impls["reference"] = Skip("skipped: too large for the numpy reference")
@@ -268,12 +272,8 @@ def _build_decode(c, rng, torch):
 
 
 def _build_backward(c, rng, torch):
-    dt = _np_dtype(c.dtype)
-    b, h, hkv, s, d = c.batch, c.num_heads, c.num_kv_heads, c.seq, c.head_dim
-    q = _randn(rng, (b, s, h, d), dt)
-    k = _randn(rng, (b, s, hkv, d), dt)
-    v = _randn(rng, (b, s, hkv, d), dt)
-    dout = _randn(rng, (b, s, h, d), dt)
+    q, k, v = _dense_qkv(c, rng)
+    dout = _randn(rng, q.shape, q.dtype)
 
     def flat(grads):
         return np.concatenate([_f64(g).ravel() for g in grads])

@@ -48,6 +48,23 @@ cdef int effective_threads() noexcept nogil:
     return n
 
 
+# Below this many (query row x key x head_dim) multiply-adds a call stays on
+# the calling thread: waking an OpenMP team costs microseconds.
+cdef int64_t SERIAL_WORK = 1 << 17
+
+
+cdef int team_size(int64_t n_items, int64_t work) noexcept nogil:
+    """Threads for a kernel call of n_items work items and about `work`
+    multiply-adds: effective_threads(), no more than there are items, and one
+    when the work is too small to pay for waking a team."""
+    cdef int nt = effective_threads()
+    if nt > n_items:
+        nt = <int>n_items
+    if work < SERIAL_WORK or nt < 1:
+        nt = 1
+    return nt
+
+
 def _after_fork_in_child():
     global _fork_serial
     if _team_used:

@@ -10,30 +10,36 @@ import numpy as np
 
 from . import _backward
 from . import _validate as V
-from .dense import _check_dense_dtypes, _check_kv
+from .dense import _check_cu_seqlens_qk, _check_dense_qkv, _check_kv, _check_packed_qkv
 from .errors import DTypeError, ShapeError
+from .paged import check_block_table, check_pages, check_queries
 
 
 def _compute_dtype(dtype):
     return np.float64 if dtype == np.float64 else np.float32
 
 
-def _check_like(arr, name, shape, dtype, layout):
-    """dout/out: the forward output's shape and q's dtype."""
-    if arr.shape != tuple(shape):
-        raise ShapeError(f"{name}: expected shape {tuple(shape)} {layout}, got {arr.shape}")
-    if arr.dtype != dtype:
-        raise DTypeError(f"{name}: expected dtype {dtype} (as q), got {arr.dtype}")
+_DENSE = ("(batch, seq_q, num_heads, head_dim_v)", "(batch, num_heads, seq_q)")
+_PACKED = ("(total_q, num_heads, head_dim_v)", "(num_heads, total_q)")
 
 
-def _check_lse(lse, shape, q_dtype, layout):
+def _check_forward_results(out, dout, lse, q, out_shape, lse_shape, layouts):
+    """out and dout: the forward output's shape and q's dtype; lse: as the
+    forward returned it. layouts: _DENSE or _PACKED, for the messages.
+    Returns lse as an array."""
+    layout, lse_layout = layouts
+    for name, arr in (("out", out), ("dout", dout)):
+        if arr.shape != out_shape:
+            raise ShapeError(f"{name}: expected shape {out_shape} {layout}, got {arr.shape}")
+        if arr.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected dtype {q.dtype} (as q), got {arr.dtype}")
     lse = V.as_array(lse, "lse")
-    want = np.dtype(_compute_dtype(q_dtype))
+    want = np.dtype(_compute_dtype(q.dtype))
     if lse.dtype != want:
-        raise DTypeError(f"lse: expected dtype {want} for {np.dtype(q_dtype)} input "
+        raise DTypeError(f"lse: expected dtype {want} for {q.dtype} input "
                          f"(as returned by the forward), got {lse.dtype}")
-    if lse.shape != tuple(shape):
-        raise ShapeError(f"lse: expected shape {tuple(shape)} {layout}, got {lse.shape}")
+    if lse.shape != lse_shape:
+        raise ShapeError(f"lse: expected shape {lse_shape} {lse_layout}, got {lse.shape}")
     return lse
 
 
@@ -94,24 +100,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     """
     dout, q, k, v, out = (V.as_array(x, n) for x, n in
                           ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    _check_dense_dtypes(q, k, v)
-    b, sq = q.shape[:2]
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
-    sk = k.shape[1]
-    if v.shape[1] != sk:
-        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 2)
-    for name, n in (("seq_q", sq), ("seq_k", sk)):
-        if n > V.INDEX_MAX:
-            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
-    layout = "(batch, seq_q, num_heads, head_dim_v)"
-    _check_like(out, "out", (b, sq, h, dv), q.dtype, layout)
-    _check_like(dout, "dout", (b, sq, h, dv), q.dtype, layout)
-    lse = _check_lse(lse, (b, h, sq), q.dtype, "(batch, num_heads, seq_q)")
+    _, (b, sq, sk), (h, hkv, d, dv) = _check_dense_qkv(q, k, v)
+    lse = _check_forward_results(out, dout, lse, q, (b, sq, h, dv), (b, h, sq), _DENSE)
     opts = V.check_options(scale, window, softcap, causal, d)
     zeros = np.zeros(b, dtype=np.int64)
     dq, dk, dv_ = _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), False, (h, hkv, d, dv),
@@ -146,36 +136,13 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """
     dout, q, k, v, out = (V.as_array(x, n) for x, n in
                           ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
-    _check_dense_dtypes(q, k, v)
-    if v.shape[0] != k.shape[0]:
-        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 1)
+    _, (h, hkv, d, dv) = _check_packed_qkv(q, k, v)
     total = q.shape[0]
-    layout = "(total_q, num_heads, head_dim_v)"
-    _check_like(out, "out", (total, h, dv), q.dtype, layout)
-    _check_like(dout, "dout", (total, h, dv), q.dtype, layout)
-    lse = _check_lse(lse, (h, total), q.dtype, "(num_heads, total_q)")
-    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total)
-    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cuq.shape != cuk.shape:
-        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
-                         f"got {cuk.shape}")
+    lse = _check_forward_results(out, dout, lse, q, (total, h, dv), (h, total), _PACKED)
+    cuq, cuk = _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, total, k.shape[0])
     opts = V.check_options(scale, window, softcap, causal, d)
     grads = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
     return tuple(g.astype(q.dtype, copy=False) for g in grads)
-
-
-def _check_paged(k_pages, v_pages, block_table, seq_lens):
-    """Pages, block table and lengths, checked exactly as ``paged_attention``
-    checks them; returns (k_pages, v_pages, block_table, seq_lens int64)."""
-    from .paged import check_block_table, check_pages
-
-    k_pages, v_pages, _ = check_pages(k_pages, v_pages)
-    bt, lens = check_block_table(block_table, seq_lens, *k_pages.shape[:2])
-    return k_pages, v_pages, bt, lens
 
 
 def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, out, lse, *,
@@ -213,34 +180,18 @@ def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, o
     """
     dout, q, out = V.as_array(dout, "dout"), V.as_array(q, "q"), V.as_array(out, "out")
     V.check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
-    k_pages, v_pages, bt, lens = _check_paged(k_pages, v_pages, block_table, seq_lens)
+    k_pages, v_pages, _ = check_pages(k_pages, v_pages)
+    num_pages, page_size = k_pages.shape[:2]
+    bt, lens = check_block_table(block_table, seq_lens, num_pages, page_size)
     V.dtype_code(q, "q")
     if (q.dtype == np.float64) != (k_pages.dtype == np.float64):
         raise DTypeError(f"k_pages: no kernel for q {q.dtype} over {k_pages.dtype} pages "
                          "(float64 q needs float64 pages and vice versa)")
     h, hkv, d, dv = _check_kv(q, k_pages, v_pages, 1, "k_pages", "v_pages")
-    num_pages, page_size = k_pages.shape[:2]
     batch = lens.shape[0]
-    if cu_seqlens_q is None:
-        if q.shape[0] != batch:
-            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {h}, {d}), "
-                             f"got {q.shape}")
-        cuq = np.arange(batch + 1, dtype=np.int64)
-    else:
-        cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
-        if cuq.shape[0] != batch + 1:
-            raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
-                             f"sequences, got {cuq.shape}")
-        nq = np.diff(cuq)
-        if np.any(nq > lens):
-            b = int(np.argmax(nq > lens))
-            raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but "
-                             f"seq_lens[{b}] is {lens[b]} (its queries are its last positions)")
+    cuq = check_queries(q, cu_seqlens_q, lens)
     total = q.shape[0]
-    layout = "(total_q, num_heads, head_dim_v)"
-    _check_like(out, "out", (total, h, dv), q.dtype, layout)
-    _check_like(dout, "dout", (total, h, dv), q.dtype, layout)
-    lse = _check_lse(lse, (h, total), q.dtype, "(num_heads, total_q)")
+    lse = _check_forward_results(out, dout, lse, q, (total, h, dv), (h, total), _PACKED)
     opts = V.check_options(scale, window, softcap, causal, d)
 
     # (page, slot) of every cached token, sequence after sequence

@@ -31,6 +31,50 @@ def _check_kv(q, k, v, qlayout_heads_axis, kname="k", vname="v"):
     return h, hkv, d, v.shape[-1]
 
 
+def _check_dense_qkv(q, k, v):
+    """q, k, v of the dense API (and its backward), already arrays.
+
+    Returns (dtype code, (batch, seq_q, seq_k), (H, Hkv, Dqk, Dv))."""
+    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    code = _check_dense_dtypes(q, k, v)
+    b, sq = q.shape[:2]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
+    sk = k.shape[1]
+    if v.shape[1] != sk:
+        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
+    dims = _check_kv(q, k, v, 2)
+    for name, n in (("seq_q", sq), ("seq_k", sk)):
+        if n > V.INDEX_MAX:
+            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
+    return code, (b, sq, sk), dims
+
+
+def _check_packed_qkv(q, k, v):
+    """q, k, v of the packed (varlen) API (and its backward), already arrays.
+
+    Returns (dtype code, (H, Hkv, Dqk, Dv))."""
+    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
+    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
+    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
+    code = _check_dense_dtypes(q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
+    return code, _check_kv(q, k, v, 1)
+
+
+def _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+    """Both cu_seqlens of a packed batch (one batch size): (cuq, cuk) int64."""
+    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k)
+    if cuq.shape != cuk.shape:
+        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
+                         f"got {cuk.shape}")
+    return cuq, cuk
+
+
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
               return_lse=False, out=None):
     """Flash attention over a dense batch.
@@ -60,20 +104,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     (fp64 for float64 input). Raises ShapeError / DTypeError on bad input.
     """
     q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
-    V.check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
-    code = _check_dense_dtypes(q, k, v)
-    b, sq = q.shape[:2]
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
-    sk = k.shape[1]
-    if v.shape[1] != sk:
-        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 2)
-    for name, n in (("seq_q", sq), ("seq_k", sk)):
-        if n > V.INDEX_MAX:
-            raise ShapeError(f"{name}: at most {V.INDEX_MAX}, got {n}")
+    code, (b, sq, sk), (h, hkv, d, dv) = _check_dense_qkv(q, k, v)
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
     out, lse = V.prepare_outputs(out, (b, sq, h, dv), q,
                                  [("q", q, True), ("k", k, False), ("v", v, False)],
@@ -108,18 +139,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
         queries but no keys gives zero rows and lse ``-inf``.
     """
     q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
-    V.check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
-    V.check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
-    V.check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
-    code = _check_dense_dtypes(q, k, v)
-    if v.shape[0] != k.shape[0]:
-        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
-    h, hkv, d, dv = _check_kv(q, k, v, 1)
-    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
-    cuk = V.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cuq.shape != cuk.shape:
-        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
-                         f"got {cuk.shape}")
+    code, (h, hkv, d, dv) = _check_packed_qkv(q, k, v)
+    cuq, cuk = _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
     out, lse = V.prepare_outputs(out, (total, h, dv), q,

@@ -64,6 +64,30 @@ def check_block_table(block_table, seq_lens, num_pages, page_size):
     return bt, lens
 
 
+def check_queries(q, cu_seqlens_q, lens):
+    """cu_seqlens_q (int64) of a validated 3-D q over sequences of lengths lens.
+
+    Without cu_seqlens_q, one query per sequence (decode); with it, each
+    sequence's queries are its last positions, so there may be at most
+    seq_lens[b] of them."""
+    batch = lens.shape[0]
+    if cu_seqlens_q is None:
+        if q.shape[0] != batch:
+            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {q.shape[1]}, "
+                             f"{q.shape[2]}), got {q.shape}")
+        return np.arange(batch + 1, dtype=np.int64)
+    cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    if cuq.shape[0] != batch + 1:
+        raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
+                         f"sequences, got {cuq.shape}")
+    nq = np.diff(cuq)
+    if np.any(nq > lens):
+        b = int(np.argmax(nq > lens))
+        raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but seq_lens[{b}] "
+                         f"is {lens[b]} (its queries are its last positions)")
+    return cuq
+
+
 def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=None,
                     causal=True, scale=None, window=(-1, -1), softcap=0.0, return_lse=False,
                     out=None):
@@ -112,21 +136,8 @@ def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=
     num_pages, page_size = k_pages.shape[:2]
     bt, lens = check_block_table(block_table, seq_lens, num_pages, page_size)
     batch = lens.shape[0]
-    if cu_seqlens_q is None:
-        if q.shape[0] != batch:
-            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {h}, {d}), "
-                             f"got {q.shape}")
-        cuq = np.arange(batch + 1, dtype=np.int64)
-    else:
-        cuq = V.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
-        if cuq.shape[0] != batch + 1:
-            raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
-                             f"sequences, got {cuq.shape}")
+    cuq = check_queries(q, cu_seqlens_q, lens)
     nq = np.diff(cuq)
-    if cu_seqlens_q is not None and np.any(nq > lens):
-        b = int(np.argmax(nq > lens))
-        raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but seq_lens[{b}] "
-                         f"is {lens[b]} (its queries are its last positions)")
     scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
     out, lse = V.prepare_outputs(out, (total, h, dv), q,

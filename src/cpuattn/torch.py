@@ -25,8 +25,10 @@ def _to_numpy(t, name):
         raise ShapeError(f"{name}: expected a CPU tensor, got one on {t.device}")
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise DTypeError(f"{name}: bfloat16 needs the ml_dtypes package") from None
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     if t.dtype not in _NUMPY_VIEWABLE:
         raise DTypeError(f"{name}: expected dtype float32, float64, float16 or bfloat16, "

@@ -32,6 +32,7 @@ import torch
 
 from ..dense import attention
 from ..errors import CpuAttnError, DTypeError, ShapeError
+from ..torch import _to_numpy, _to_torch
 
 NAME = "cpuattn"
 
@@ -49,28 +50,6 @@ def register(name=NAME):
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
-
-
-def _to_numpy(t, name):
-    """Zero-copy numpy view of a CPU tensor (bfloat16 through ml_dtypes)."""
-    if t.device.type != "cpu":
-        raise ShapeError(f"{name}: expected a CPU tensor, got one on {t.device}")
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise DTypeError(f"{name}: bfloat16 needs the ml_dtypes package") from None
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if t.dtype not in (torch.float32, torch.float64, torch.float16):
-        raise DTypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}")
-    return t.numpy()
-
-
-def _to_torch(a):
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
 
 
 class _NoBackward(torch.autograd.Function):
