@@ -12,7 +12,7 @@ from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 import numpy as np
 
-from ._threads cimport current_isa, effective_threads
+from ._threads cimport current_isa, team_size
 
 cnp.import_array()
 
@@ -57,11 +57,6 @@ cdef extern from "forward.h" nogil:
     cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
                            char *scratch)
-
-# Below this many (query row x key x head_dim) multiply-adds a call stays on
-# the calling thread: waking an OpenMP team costs microseconds.
-cdef int64_t SERIAL_WORK = 1 << 17
-
 
 cdef inline const int64_t *i64(cnp.ndarray a):
     return <const int64_t *>cnp.PyArray_DATA(a)
@@ -134,7 +129,7 @@ cdef void run(cpa_fwd_args *a) except *:
     cdef char *partials = NULL
     cdef char *scratch_raw = NULL
     cdef char *scratch
-    cdef int nt = effective_threads(), max_split = 0, tid
+    cdef int nt, max_split = 0, tid
     cdef size_t per_thread
     try:
         if items == NULL or merges == NULL:
@@ -146,10 +141,7 @@ cdef void run(cpa_fwd_args *a) except *:
         for i in range(n_items):
             work += (items[i].key_hi - items[i].key_lo + 1) * a.head_dim_qk * items[i].nkvh
         work *= a.num_heads // a.num_kv_heads
-        if nt > n_items:
-            nt = <int>n_items
-        if work < SERIAL_WORK:
-            nt = 1
+        nt = team_size(n_items, work)
         per_thread = cpa_fwd_scratch_bytes(a, cpa_fwd_uses_tiled(a))
         if per_thread < <size_t>((max_split + a.head_dim_v) * 8 + 64):
             per_thread = <size_t>((max_split + a.head_dim_v) * 8 + 64)
