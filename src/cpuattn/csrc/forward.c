@@ -80,32 +80,26 @@ static void cpa_kv_rows(const cpa_fwd_args *a, int64_t b, const char *base, size
     }
 }
 
-/* The decode kernel reads the rows of a page in memory order, which the
- * hardware prefetchers follow once they have seen a few lines; the next page
- * of a chain can be anywhere in the pool. So rows are fetched ahead
- * explicitly: every row when a token's rows are short (the prefetchers would
- * not warm up before the page ends), else only the first rows of each page. */
-#define CPA_DEC_PREFETCH 8            /* tokens ahead */
-#define CPA_DEC_PREFETCH_ROWS 2       /* rows fetched at the start of a page */
-#define CPA_DEC_PREFETCH_ALL 2048     /* token bytes up to which every row is fetched */
+/* The decode kernel reads each page of a chain in memory order, but the
+ * next page can be anywhere in the pool and the hardware prefetchers neither
+ * follow that jump nor run far enough ahead of the arithmetic. So every line
+ * of the rows about CPA_DEC_AHEAD bytes ahead is prefetched explicitly
+ * (measured on Zen 5: 23 -> 32 GB/s for one core streaming pages with this
+ * much arithmetic per byte). */
+#define CPA_DEC_AHEAD 16384
 
-/* Prefetch row i (< n) of nh heads (`head` bytes apart, `bytes` each), as above. */
-static inline void cpa_prefetch_ahead(const void *const *row, int64_t i, int64_t n, int64_t tok,
-                                      int64_t nh, int64_t head, int64_t bytes)
+/* Tokens to prefetch ahead when one token's rows are `bytes` long. */
+static inline int64_t cpa_prefetch_distance(int64_t bytes)
 {
-    if (i >= n)
-        return;
-    if (nh * bytes > CPA_DEC_PREFETCH_ALL) {
-        int64_t back = 1;
-        for (; back <= CPA_DEC_PREFETCH_ROWS && back <= i; back++)
-            if ((const char *)row[i - back + 1] != (const char *)row[i - back] + tok)
-                break;   /* row i - back + 1 starts a page */
-        if (back > CPA_DEC_PREFETCH_ROWS)
-            return;      /* deep inside a page: the hardware streams it */
-    }
-    for (int64_t h = 0; h < nh; h++)
-        for (int64_t off = 0; off < bytes; off += 64)
-            __builtin_prefetch((const char *)row[i] + h * head + off, 0, 3);
+    return cpa_max(2, CPA_DEC_AHEAD / cpa_max(bytes, 1));
+}
+
+/* Prefetch `bytes` at p (issued between tile products of one head, so that
+ * the misses stay spread out rather than filling the miss buffers at once). */
+static inline void cpa_prefetch_bytes(const void *p, int64_t bytes)
+{
+    for (int64_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch((const char *)p + off, 0, 3);
 }
 
 typedef struct {

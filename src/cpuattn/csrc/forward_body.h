@@ -260,16 +260,23 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
  * order whatever the blocking, so results do not depend on DEC_TB. */
 enum { FN(DEC_TB) = VBYTES == 64 ? 4 : 2 };   /* key rows per block: what the registers hold */
 
-/* s[r * sstride + t] = q_r . k_t for RB query rows (qstride apart), TB key rows */
+/* Whether the VL elements at d start a new 64-byte line of a row. */
+#define DEC_NEW_LINE(d) ((((d) * (int64_t)sizeof(KS)) & 63) < VL * (int64_t)sizeof(KS))
+
+/* s[r * sstride + t] = q_r . k_t for RB query rows (qstride apart), TB key
+ * rows; pf (or NULL): TB rows to prefetch, a line per step, so that the
+ * misses are spread over the arithmetic instead of arriving in bursts. */
 static inline __attribute__((always_inline)) void FN(dec_qk)(
     const T *q, int64_t qstride, const KS *const *k, int64_t Dk, T *s, int64_t sstride,
-    const int RB, const int TB)
+    const KS *const *pf, const int RB, const int TB)
 {
     V acc[4][4];
     for (int t = 0; t < TB; t++)
         for (int r = 0; r < RB; r++) acc[t][r] = TN(vset1)(0);
     int64_t d = 0;
     for (; d + VL <= Dk; d += VL) {
+        if (pf && DEC_NEW_LINE(d))
+            for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
         V kv[4];
         for (int t = 0; t < TB; t++) kv[t] = FN(ldkv)(k[t] + d);
         for (int r = 0; r < RB; r++) {
@@ -290,16 +297,19 @@ static inline __attribute__((always_inline)) void FN(dec_qk)(
     }
 }
 
-/* o[r * ostride + :] += sum_t p[r * pstride + t] * v_t, for RB rows and TB value rows */
+/* o[r * ostride + :] += sum_t p[r * pstride + t] * v_t, for RB rows and TB
+ * value rows; pf as in dec_qk */
 static inline __attribute__((always_inline)) void FN(dec_pv)(
     T *o, int64_t ostride, const T *p, int64_t pstride, const KS *const *v, int64_t Dv,
-    const int RB, const int TB)
+    const KS *const *pf, const int RB, const int TB)
 {
     V pb[4][4];
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TB; t++) pb[r][t] = TN(vset1)(p[r * pstride + t]);
     int64_t d = 0;
     for (; d + VL <= Dv; d += VL) {
+        if (pf && DEC_NEW_LINE(d))
+            for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
         V vv[4];
         for (int t = 0; t < TB; t++) vv[t] = FN(ldkv)(v[t] + d);
         for (int r = 0; r < RB; r++) {
@@ -326,7 +336,7 @@ static void FN(dec_pv_seen)(T *o, const T *sc, int64_t scs, const KS *const *vro
             const int64_t r = rr % M;
             if (k0 + i < lo[r] || k0 + i > hi[r]) continue;
             const KS *vr = vrow[i] + (rr / M) * vh;
-            FN(dec_pv)(o + rr * Dv, 0, sc + rr * scs + i, 0, &vr, Dv, 1, 1);
+            FN(dec_pv)(o + rr * Dv, 0, sc + rr * scs + i, 0, &vr, Dv, NULL, 1, 1);
         }
 }
 
@@ -338,8 +348,10 @@ static void FN(dec_pv_seen)(T *o, const T *sc, int64_t scs, const KS *const *vro
         if ((M) - r_ >= 2) { call(r_, 2, __VA_ARGS__); r_ += 2; }                \
         if ((M) - r_ == 1) call(r_, 1, __VA_ARGS__);                             \
     } while (0)
-#define DEC_QK_AT(r, RB, TB) FN(dec_qk)(q + (r) * qst, qst, kr, Dk, s + (r) * scs, scs, RB, TB)
-#define DEC_PV_AT(r, RB, TB) FN(dec_pv)(ob + (r) * Dv, Dv, s + (r) * scs, scs, vr, Dv, RB, TB)
+#define DEC_QK_AT(r, RB, TB) \
+    FN(dec_qk)(q + (r) * qst, qst, kr, Dk, s + (r) * scs, scs, (r) ? NULL : pf, RB, TB)
+#define DEC_PV_AT(r, RB, TB) \
+    FN(dec_pv)(ob + (r) * Dv, Dv, s + (r) * scs, scs, vr, Dv, (r) ? NULL : pf, RB, TB)
 
 static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {
@@ -375,16 +387,19 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     cpa_kv_rows(a, b, (const char *)((const KS *)a->v + a->v_off[b] + kvh0 * vh), sizeof(KS),
                 a->v_tok, a->v_page, k0, n, (const void **)vrow);
 
+    const int64_t kahead = cpa_prefetch_distance(nh * Dk * (int64_t)sizeof(KS));
+    const int64_t vahead = cpa_prefetch_distance(nh * Dv * (int64_t)sizeof(KS));
+    for (int64_t i = 0; i < kahead && i < n; i++)
+        for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(krow[i] + hh * kh, Dk * sizeof(KS));
+
     /* pass 1: scores of every key, hidden ones too (masked below) */
     for (int64_t i0 = 0; i0 < n; i0 += TB) {
         const int full = i0 + TB <= n;
-        for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
-            cpa_prefetch_ahead((const void *const *)krow, i, n, a->k_tok * (int64_t)sizeof(KS), nh,
-                                    kh * sizeof(KS), Dk * sizeof(KS));
         for (int64_t hh = 0; hh < nh; hh++) {
             const T *q = qs + hh * M * qst;
             T *s = sc + hh * M * scs + i0;
-            const KS *kr[TB];
+            const KS *kr[TB], *pf[TB];
+            for (int t = 0; t < TB; t++) pf[t] = krow[cpa_min(i0 + kahead + t, n - 1)] + hh * kh;
             if (full) {
                 for (int t = 0; t < TB; t++) kr[t] = krow[i0 + t] + hh * kh;
                 DEC_ROWS(DEC_QK_AT, M, TB);
@@ -428,17 +443,17 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
      * key hidden from some rows is added only to the rows that see it, since
      * p = 0 times a NaN or inf in a hidden (stale) value would be NaN. */
     memset(o, 0, (size_t)(R * Dv) * sizeof(T));
+    for (int64_t i = 0; i < vahead && i < n; i++)
+        for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(vrow[i] + hh * vh, Dv * sizeof(KS));
     const int64_t s0 = cpa_min(cpa_max(ilo - k0, 0), n), s1 = cpa_max(cpa_min(ihi - k0 + 1, n), s0);
     FN(dec_pv_seen)(o, sc, scs, vrow, vh, Dv, M, R, k0, 0, s0, lo, hi);
     for (int64_t i0 = s0; i0 < s1; i0 += TB) {
         const int full = i0 + TB <= s1;
-        for (int64_t i = i0 + CPA_DEC_PREFETCH; i < i0 + CPA_DEC_PREFETCH + TB; i++)
-            cpa_prefetch_ahead((const void *const *)vrow, i, s1, a->v_tok * (int64_t)sizeof(KS), nh,
-                                    vh * sizeof(KS), Dv * sizeof(KS));
         for (int64_t hh = 0; hh < nh; hh++) {
             T *ob = o + hh * M * Dv;
             const T *s = sc + hh * M * scs + i0;
-            const KS *vr[TB];
+            const KS *vr[TB], *pf[TB];
+            for (int t = 0; t < TB; t++) pf[t] = vrow[cpa_min(i0 + vahead + t, s1 - 1)] + hh * vh;
             if (full) {
                 for (int t = 0; t < TB; t++) vr[t] = vrow[i0 + t] + hh * vh;
                 DEC_ROWS(DEC_PV_AT, M, TB);
@@ -466,6 +481,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
 #undef DEC_ROWS
 #undef DEC_QK_AT
 #undef DEC_PV_AT
+#undef DEC_NEW_LINE
 
 static void FN(item)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {
