@@ -166,15 +166,20 @@ def test_bad_input_raises_documented_error(rng):
                                       (1, 5, 1), (2, 1, 7)])
 @pytest.mark.parametrize("opts", [{}, {"window": (300, -1), "softcap": 5.0},
                                   {"causal": False, "window": (2, 1)}], ids=str)
-def test_decode_kernel_head_groups(rng, each_isa, hkv, g, nq, opts):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=["float32", "float16", "bfloat16"])
+def test_decode_kernel_head_groups(rng, each_isa, hkv, g, nq, opts, dtype):
     """The decode kernel (g * nq <= 8 query rows per kv head) takes up to 8 kv
     heads per work item: partial last groups, split-KV boundaries, queries
-    hidden from some keys (nq > 1, windows) and stale NaN/inf slots."""
+    hidden from some keys (nq > 1, windows) and stale NaN/inf slots. head_dim
+    72 has whole vector chunks and a tail on every SIMD path (bf16 pages are
+    read in pairs of vectors)."""
+    if dtype is None:
+        pytest.skip("ml_dtypes not installed")
     lens = np.array([nq, 511, 1025, 0, 77], np.int32)
-    kp, vp, bt, lens = make_pages(rng, lens, 16, hkv, 40)
+    kp, vp, bt, lens = make_pages(rng, lens, 16, hkv, 72, dtype=dtype)
     nqs = np.minimum(lens, nq)
     cu = np.concatenate([[0], np.cumsum(nqs)]).astype(np.int32)
-    q = randn(rng, (cu[-1], hkv * g, 40))
+    q = randn(rng, (cu[-1], hkv * g, 72))
     out, lse = cpuattn.paged_attention(q, kp, vp, bt, lens, cu_seqlens_q=cu, return_lse=True, **opts)
     ref, ref_lse = ref_paged(q, kp, vp, bt, lens, cu, **opts)
     np.testing.assert_allclose(out, ref, **tol(np.float32))

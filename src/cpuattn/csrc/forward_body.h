@@ -260,8 +260,42 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
  * order whatever the blocking, so results do not depend on DEC_TB. */
 enum { FN(DEC_TB) = VBYTES == 64 ? 4 : 2 };   /* key rows per block: what the registers hold */
 
-/* Whether the VL elements at d start a new 64-byte line of a row. */
-#define DEC_NEW_LINE(d) ((((d) * (int64_t)sizeof(KS)) & 63) < VL * (int64_t)sizeof(KS))
+/* Whether the `step` elements at d start a new 64-byte line of a row. */
+#define DEC_NEW_LINE(d, step) ((((d) * (int64_t)sizeof(KS)) & 63) < (step) * (int64_t)sizeof(KS))
+
+/* bf16 rows are read 2*VL elements at a time, as VL 32-bit lanes: a bf16 is
+ * the top half of a float, so a lane holding the pair (x[2i], x[2i+1]) gives
+ * x[2i+1] by masking and x[2i] by shifting: one integer op per vector of
+ * floats instead of a widening shuffle and a shift. The q rows and the
+ * output rows are kept in the same order (even elements of each 2*VL chunk,
+ * then odd ones) while the kernel runs. */
+#if KS_KIND == CPA_KIND_BF16
+#define DEC_PAIRED 1
+typedef uint32_t FN(u32v) __attribute__((vector_size(VBYTES)));
+static inline void FN(ld_pairs)(const KS *p, V *even, V *odd)
+{
+    FN(u32v) w;
+    memcpy(&w, p, sizeof w);
+    *even = (V)(w << 16);
+    *odd = (V)(w & 0xFFFF0000u);
+}
+#else
+#define DEC_PAIRED 0
+#endif
+
+/* Reorder each full 2*VL chunk of a row to (even elements, odd elements), or back. */
+static inline void FN(pairs_order)(T *row, int64_t n, int split)
+{
+    T tmp[2 * VL];
+    for (int64_t c = 0; c + 2 * VL <= n; c += 2 * VL) {
+        T *x = row + c;
+        for (int64_t i = 0; i < VL; i++) {
+            if (split) { tmp[i] = x[2 * i]; tmp[VL + i] = x[2 * i + 1]; }
+            else { tmp[2 * i] = x[i]; tmp[2 * i + 1] = x[VL + i]; }
+        }
+        memcpy(x, tmp, sizeof tmp);
+    }
+}
 
 /* s[r * sstride + t] = q_r . k_t for RB query rows (qstride apart), TB key
  * rows; pf (or NULL): TB rows to prefetch, a line per step, so that the
@@ -274,8 +308,23 @@ static inline __attribute__((always_inline)) void FN(dec_qk)(
     for (int t = 0; t < TB; t++)
         for (int r = 0; r < RB; r++) acc[t][r] = TN(vset1)(0);
     int64_t d = 0;
+#if DEC_PAIRED
+    for (; d + 2 * VL <= Dk; d += 2 * VL) {
+        if (pf && DEC_NEW_LINE(d, 2 * VL))
+            for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
+        V ke[4], ko[4];
+        for (int t = 0; t < TB; t++) FN(ld_pairs)(k[t] + d, &ke[t], &ko[t]);
+        for (int r = 0; r < RB; r++) {
+            V qe = TN(vld)(q + r * qstride + d), qo = TN(vld)(q + r * qstride + d + VL);
+            for (int t = 0; t < TB; t++) {
+                acc[t][r] += qe * ke[t];
+                acc[t][r] += qo * ko[t];
+            }
+        }
+    }
+#endif
     for (; d + VL <= Dk; d += VL) {
-        if (pf && DEC_NEW_LINE(d))
+        if (pf && DEC_NEW_LINE(d, VL))
             for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
         V kv[4];
         for (int t = 0; t < TB; t++) kv[t] = FN(ldkv)(k[t] + d);
@@ -307,8 +356,25 @@ static inline __attribute__((always_inline)) void FN(dec_pv)(
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TB; t++) pb[r][t] = TN(vset1)(p[r * pstride + t]);
     int64_t d = 0;
+#if DEC_PAIRED
+    for (; d + 2 * VL <= Dv; d += 2 * VL) {
+        if (pf && DEC_NEW_LINE(d, 2 * VL))
+            for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
+        V ve[4], vo[4];
+        for (int t = 0; t < TB; t++) FN(ld_pairs)(v[t] + d, &ve[t], &vo[t]);
+        for (int r = 0; r < RB; r++) {
+            V ae = TN(vld)(o + r * ostride + d), ao = TN(vld)(o + r * ostride + d + VL);
+            for (int t = 0; t < TB; t++) {
+                ae += pb[r][t] * ve[t];
+                ao += pb[r][t] * vo[t];
+            }
+            TN(vst)(o + r * ostride + d, ae);
+            TN(vst)(o + r * ostride + d + VL, ao);
+        }
+    }
+#endif
     for (; d + VL <= Dv; d += VL) {
-        if (pf && DEC_NEW_LINE(d))
+        if (pf && DEC_NEW_LINE(d, VL))
             for (int t = 0; t < TB; t++) __builtin_prefetch(pf[t] + d, 0, 3);
         V vv[4];
         for (int t = 0; t < TB; t++) vv[t] = FN(ldkv)(v[t] + d);
@@ -377,9 +443,12 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
         if (hi[r] < ihi) ihi = hi[r];
     }
     for (int64_t hh = 0; hh < nh; hh++)
-        for (int64_t r = 0; r < M; r++)
+        for (int64_t r = 0; r < M; r++) {
+            T *qr = qs + (hh * M + r) * qst;
             RN_CALL(load_q_row)(a, a->q_off[b] + (r / g) * a->q_tok + ((kvh0 + hh) * g + r % g) * a->q_head,
-                                qs + (hh * M + r) * qst, 1, (T)a->scale);
+                                qr, 1, (T)a->scale);
+            if (DEC_PAIRED) FN(pairs_order)(qr, Dk, 1);
+        }
 
     const int64_t k0 = it->key_lo, n = cpa_max(it->key_hi - it->key_lo + 1, 0);
     cpa_kv_rows(a, b, (const char *)((const KS *)a->k + a->k_off[b] + kvh0 * kh), sizeof(KS),
@@ -469,6 +538,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
 
     for (int64_t rr = 0; rr < R; rr++) {
         const int64_t kvh = kvh0 + rr / M, r = rr % M;
+        if (DEC_PAIRED) FN(pairs_order)(o + rr * Dv, Dv, 0);
         if (it->slot < 0) {
             RN_CALL(store_row)(a, b, r / g, kvh * g + r % g, o + rr * Dv, 1, mrow[rr], lrow[rr]);
         } else {
@@ -482,6 +552,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
 #undef DEC_QK_AT
 #undef DEC_PV_AT
 #undef DEC_NEW_LINE
+#undef DEC_PAIRED
 
 static void FN(item)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {
