@@ -66,6 +66,11 @@ done
 LOGS="$WORK/san-logs"
 rm -rf "$LOGS"
 mkdir -p "$LOGS"
+# libstdc++ beside libasan: ASan intercepts __cxa_throw, and finds the real
+# one only if libstdc++ is loaded when it starts (torch, imported later by the
+# integration tests, throws C++ exceptions through Python callbacks).
+LIBSTDCXX="$("$CC_CMD" -print-file-name=libstdc++.so.6)"
+[[ -e "$LIBSTDCXX" ]] && LIBASAN="$LIBASAN:$LIBSTDCXX"
 export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=0:log_path=$LOGS/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$LOGS/ubsan${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"

@@ -253,11 +253,12 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
 /* ---- decode kernel ----
  * An item holds nkvh kv heads x M = g * nq query rows (R = head-in-item * M + r)
  * and one split of keys. Pass 1 reads K token by token, all the item's heads
- * of a token in turn (adjacent in memory, so the hardware prefetchers stream
- * it), and computes every score; the softmax of each row then needs no
- * rescaling; pass 2 reads V in the same order and accumulates P V into
- * rows that stay in L1. Each score and output element is summed in the same
- * order whatever the blocking, so results do not depend on DEC_TB. */
+ * of a token in turn (adjacent in a page, so reads stay in memory order), and
+ * computes every score; the softmax of each row then needs no rescaling;
+ * pass 2 reads V in the same order and accumulates P V into rows that stay
+ * in L1. Both passes prefetch the rows CPA_DEC_AHEAD bytes ahead, a line per
+ * vector step. Each score and output element is summed in the same order
+ * whatever the blocking, so results do not depend on DEC_TB. */
 enum { FN(DEC_TB) = VBYTES == 64 ? 4 : 2 };   /* key rows per block: what the registers hold */
 
 /* Whether the `step` elements at d start a new 64-byte line of a row. */
