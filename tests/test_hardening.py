@@ -13,7 +13,9 @@ from cpuattn import CpuAttnError, PagePool, PoolFullError
 
 psutil = pytest.importorskip("psutil")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory holding the cpuattn package under test (built in place or
+# installed): subprocesses must import the same one
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(cpuattn.__file__)))
 
 
 # ---- leaks ----
@@ -118,7 +120,7 @@ def test_fork_after_openmp_does_not_hang(mode):
     if not hasattr(os, "fork"):
         pytest.skip("no os.fork on this platform")
     env = dict(os.environ, OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"),
+               PYTHONPATH=os.pathsep.join([PKG_PARENT,
                                            os.environ.get("PYTHONPATH", "")]))
     try:
         r = subprocess.run([sys.executable, "-c", FORK_SCRIPT, mode], env=env,
@@ -156,7 +158,7 @@ def test_fork_while_another_thread_uses_the_pool():
     """)
     if not hasattr(os, "fork"):
         pytest.skip("no os.fork on this platform")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_PARENT,
                                                        os.environ.get("PYTHONPATH", "")]))
     try:
         r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
