@@ -220,3 +220,26 @@ def test_decode_fast_path_matches_general_path(rng, dtype):
         cpuattn.paged_attention(q, kp, vp, bt, lens, window=(-2, 0))
     with pytest.raises(ShapeError, match="causal"):
         cpuattn.paged_attention(q, kp, vp, bt, lens, causal=1)
+
+
+@pytest.mark.parametrize("hkv,g,lens", [(1, 4, [9000, 4096, 4097]), (2, 3, [5000, 2047]),
+                                        (3, 2, [2100, 1024]), (5, 1, [1500])])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["float32", "bfloat16"])
+def test_decode_long_splits_with_few_kv_heads(rng, each_isa, hkv, g, lens, dtype):
+    """A decode item with fewer than 8 kv heads takes proportionally more keys
+    per split (MQA: 4096): long sequences cross those split boundaries, with
+    a window and queries hidden from some keys (nq = 2)."""
+    if dtype is None:
+        pytest.skip("ml_dtypes not installed")
+    kp, vp, bt, lens = make_pages(rng, lens, 16, hkv, 64, dtype=dtype)
+    q = randn(rng, (len(lens), hkv * g, 64))
+    for opts in ({}, {"window": (3000, -1)}):
+        out, lse = cpuattn.paged_attention(q, kp, vp, bt, lens, return_lse=True, **opts)
+        ref, ref_lse = ref_paged(q, kp, vp, bt, lens, **opts)
+        np.testing.assert_allclose(out, ref, **tol(np.float32))
+        np.testing.assert_allclose(lse, ref_lse, **tol(np.float32))
+    if g <= 4:
+        cu = np.concatenate([[0], np.cumsum(np.full(len(lens), 2))]).astype(np.int32)
+        q2 = randn(rng, (cu[-1], hkv * g, 64))
+        out = cpuattn.paged_attention(q2, kp, vp, bt, lens, cu_seqlens_q=cu)
+        np.testing.assert_allclose(out, ref_paged(q2, kp, vp, bt, lens, cu)[0], **tol(np.float32))

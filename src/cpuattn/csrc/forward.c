@@ -25,7 +25,6 @@
 #define CPA_SPLIT 512        /* keys per split-KV chunk (multiple of CPA_BK) */
 #define CPA_DEC_MAX_M 8      /* query rows per kv head up to which the decode kernel is used */
 #define CPA_DEC_HEADS 8      /* kv heads per decode item: their rows of a token are adjacent */
-#define CPA_SPLIT_PAD (CPA_SPLIT + 16)   /* a score row, padded to any vector length */
 #define CPA_ALIGN 64
 
 /* KV storage kinds as preprocessor numbers (same values as enum cpa_dtype). */
@@ -40,6 +39,22 @@ static inline int64_t cpa_roundup(int64_t x, int64_t m) { return (x + m - 1) / m
 
 static inline int64_t cpa_block_tokens(int64_t g) { return g >= CPA_MROWS ? 1 : CPA_MROWS / g; }
 static inline int cpa_use_decode(int64_t g, int64_t nq) { return g * nq <= CPA_DEC_MAX_M; }
+
+/* kv heads in one decode item */
+static inline int64_t cpa_dec_heads(const cpa_fwd_args *a)
+{
+    return cpa_min(a->num_kv_heads, CPA_DEC_HEADS);
+}
+
+/* Keys per split. A decode item with fewer kv heads takes proportionally
+ * more keys (MQA: 8 x 512), so that its score tile, and the bytes it
+ * streams per pass, stay the same size: fewer items, fewer pass switches
+ * and merges for one long sequence. A function of the call's head counts
+ * only, so results stay batch-invariant. */
+static inline int64_t cpa_split_keys(const cpa_fwd_args *a, int decode)
+{
+    return decode ? CPA_SPLIT * (CPA_DEC_HEADS / cpa_dec_heads(a)) : CPA_SPLIT;
+}
 
 /* Keys query token t (of nq, against Sk keys) may see: [*lo, *hi], empty if
  * *hi < *lo. Bottom-right aligned: token t sits at position t + Sk - nq. */
@@ -149,17 +164,17 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
  * addresses of the item's keys for its first kv head. */
 static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layout *L)
 {
-    const int64_t rows = CPA_DEC_HEADS * CPA_DEC_MAX_M;
+    const int64_t rows = cpa_dec_heads(a) * CPA_DEC_MAX_M, split = cpa_split_keys(a, 1);
     L->qstride = cpa_roundup(a->head_dim_qk, 16);
-    L->scstride = CPA_SPLIT_PAD;
+    L->scstride = split + 16;   /* a score row, padded to any vector length */
     size_t at = 0;
     L->qs = cpa_take(&at, (size_t)(rows * L->qstride) * tsize);
-    L->sc = cpa_take(&at, (size_t)(rows * CPA_SPLIT_PAD) * tsize);
+    L->sc = cpa_take(&at, (size_t)(rows * L->scstride) * tsize);
     L->o = cpa_take(&at, (size_t)(rows * a->head_dim_v) * tsize);
     L->m = cpa_take(&at, (size_t)rows * tsize);
     L->l = cpa_take(&at, (size_t)rows * tsize);
-    L->krow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
-    L->vrow = cpa_take(&at, CPA_SPLIT * sizeof(void *));
+    L->krow = cpa_take(&at, (size_t)split * sizeof(void *));
+    L->vrow = cpa_take(&at, (size_t)split * sizeof(void *));
     L->total = at;
 }
 
@@ -215,9 +230,11 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
             }
             if (uhi < 0)
                 ulo = 0;   /* no visible key: one item writes zeros */
-            const int64_t c0 = ulo / CPA_SPLIT, c1 = uhi < 0 ? c0 : uhi / CPA_SPLIT;
+            const int decode = cpa_use_decode(g, nq);
+            const int64_t split = cpa_split_keys(a, decode);
+            const int64_t c0 = ulo / split, c1 = uhi < 0 ? c0 : uhi / split;
             const int64_t nsplit = (nqb == 1) ? c1 - c0 + 1 : 1;
-            const int32_t hstep = cpa_use_decode(g, nq) ? CPA_DEC_HEADS : 1;
+            const int32_t hstep = decode ? (int32_t)cpa_dec_heads(a) : 1;
             for (int32_t h = 0; h < a->num_kv_heads; h += hstep) {
                 const int32_t nh = (int32_t)cpa_min(hstep, a->num_kv_heads - h);
                 if (nsplit > 1 && merges) {
@@ -229,8 +246,8 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
                         cpa_fwd_item *it = &items[ni];
                         it->seq = b; it->kvh = h; it->nkvh = nh; it->qblock = (int32_t)qb;
                         it->slot = nsplit > 1 ? ns + s : -1;
-                        it->key_lo = nsplit > 1 ? cpa_max(ulo, (c0 + s) * CPA_SPLIT) : ulo;
-                        it->key_hi = nsplit > 1 ? cpa_min(uhi, (c0 + s + 1) * CPA_SPLIT - 1) : uhi;
+                        it->key_lo = nsplit > 1 ? cpa_max(ulo, (c0 + s) * split) : ulo;
+                        it->key_hi = nsplit > 1 ? cpa_min(uhi, (c0 + s + 1) * split - 1) : uhi;
                     }
                     ni++;
                 }
