@@ -45,7 +45,7 @@ def build(rng, batch, heads, kv_heads, ctx, dtype, shared, head_dim=128, page_si
     table = np.tile(table, (batch, 1)) if shared else table.reshape(batch, pages_per_seq)
     seq_lens = np.full(batch, ctx, np.int32)
     q = rng.standard_normal((batch, heads, head_dim), dtype=np.float32)
-    kv_bytes = 2 * ctx * kv_heads * head_dim * np.dtype(dtype).itemsize * (1 if shared else batch)
+    kv_bytes = 2 * batch * ctx * kv_heads * head_dim * np.dtype(dtype).itemsize   # as read
     return (lambda: cpuattn.paged_attention(q, k_pages, v_pages, table, seq_lens)), kv_bytes
 
 

@@ -334,6 +334,12 @@ static inline __attribute__((always_inline)) void FN(dec_qk)(
             for (int t = 0; t < TB; t++) acc[t][r] += qv * kv[t];
         }
     }
+#if CPA_HAS_HSUM_TILE
+    if (RB == 4 && TB == 4 && d == Dk) {
+        TN(hsum_tile)(acc, s, sstride);
+        return;
+    }
+#endif
     for (int t = 0; t < TB; t++) {
         T x[4];
         if (RB == 4)

@@ -72,6 +72,36 @@ static inline void TN(hsum4)(V v0, V v1, V v2, V v3, T *out)
     out[0] = TN(hsum)(v0); out[1] = TN(hsum)(v1); out[2] = TN(hsum)(v2); out[3] = TN(hsum)(v3);
 #endif
 }
+#if VBYTES == 64 && !T_IS_F64 && defined(__AVX512F__)
+#define CPA_HAS_HSUM_TILE 1
+/* s[r * sstride + t] = hsum(a[t][r]) for a 4 x 4 tile of vectors, each summed
+ * by the same tree as hsum (so bitwise equal to it): the 16 reductions share
+ * their shuffles, and each row's 4 sums leave as one 128-bit store. Lane
+ * bookkeeping: after the four folds, float 4k + m holds a[m][k]. */
+static inline __attribute__((always_inline)) void TN(hsum_tile)(V a[4][4], T *s, int64_t sstride)
+{
+    __m512 c[8], e[4], f[2];
+    for (int j = 0; j < 8; j++) {   /* 512 -> 256 bits: a pair of vectors per result */
+        const __m512 x = (__m512)a[(2 * j) / 4][(2 * j) % 4], y = (__m512)a[(2 * j + 1) / 4][(2 * j + 1) % 4];
+        c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0xEE), _mm512_shuffle_f32x4(x, y, 0x44));
+    }
+    for (int j = 0; j < 4; j++)     /* 256 -> 128 bits: four vectors per result */
+        e[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD),
+                             _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88));
+    for (int j = 0; j < 2; j++)     /* 128 -> 64 bits */
+        f[j] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0xEE),
+                             _mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0x44));
+    /* 64 -> 32 bits */
+    const __m512 h = _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], 0xDD), _mm512_shuffle_ps(f[0], f[1], 0x88));
+    _mm_storeu_ps(s, _mm512_castps512_ps128(h));
+    _mm_storeu_ps(s + sstride, _mm512_extractf32x4_ps(h, 1));
+    _mm_storeu_ps(s + 2 * sstride, _mm512_extractf32x4_ps(h, 2));
+    _mm_storeu_ps(s + 3 * sstride, _mm512_extractf32x4_ps(h, 3));
+}
+#else
+#define CPA_HAS_HSUM_TILE 0
+#endif
+
 static inline int TN(any)(VI m) { for (int i = 0; i < VL; i++) if (m[i]) return 1; return 0; }
 
 #if T_IS_F64
