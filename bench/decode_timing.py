@@ -8,7 +8,7 @@ in the same process. For iterating on the decode kernel; the suite
 Cases: b8, b8h, b8b (B8 ctx2048 H32:8 D128, fp32/fp16/bf16 pages), mqa
 (B1 ctx131072 H4:1), b1long (B1 ctx32768 H32:8), tiny (B1 ctx16), and the
 cache-resident compute cases l2, l2b (64 sequences sharing 64 tokens) and
-b8s (32 sequences sharing 2048 tokens). Pages are a random permutation.
+b8s, mqas (32 sequences sharing 2048 / 8192 tokens). Pages are a random permutation.
 """
 import argparse
 import statistics
@@ -29,6 +29,7 @@ CASES = {  # batch, heads, kv heads, context, page dtype, every sequence on the 
     "l2": (64, 32, 8, 64, "float32", True),
     "l2b": (64, 32, 8, 64, "bfloat16", True),
     "b8s": (32, 32, 8, 2048, "float32", True),
+    "mqas": (32, 4, 1, 8192, "float32", True),
 }
 
 
