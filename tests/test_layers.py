@@ -234,3 +234,13 @@ def test_paged_cache_full_pool_changes_nothing():
     with pytest.raises(cpuattn.PoolFullError):         # sequence 0 fits, sequence 1 does not
         layer(rand(np.random.default_rng(1), 2, 2, 32), (pool, seqs))
     assert [pool.seq_len(s) for s in seqs] == [3, 3] and pool.num_free_pages == 1
+
+
+@pytest.mark.parametrize("make", [lambda: cpuattn.layers.GQAttention(2**70, 4, 2),
+                                  lambda: cpuattn.layers.GQAttention(2**30, 2**30, 2**30),
+                                  lambda: cpuattn.KVCache(2**31 - 1, 2**31 - 1, 2**31 - 1)])
+def test_absurd_sizes_raise_shape_error(make):
+    """Sizes beyond int32, or shapes no array can have, are a ShapeError (not an
+    OverflowError or numpy's ValueError)."""
+    with pytest.raises(cpuattn.ShapeError):
+        make()

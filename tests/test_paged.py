@@ -243,3 +243,18 @@ def test_decode_long_splits_with_few_kv_heads(rng, each_isa, hkv, g, lens, dtype
         q2 = randn(rng, (cu[-1], hkv * g, 64))
         out = cpuattn.paged_attention(q2, kp, vp, bt, lens, cu_seqlens_q=cu)
         np.testing.assert_allclose(out, ref_paged(q2, kp, vp, bt, lens, cu)[0], **tol(np.float32))
+
+
+@pytest.mark.parametrize("window", [(10**30, -1), (2**63, 0), (-1, 2**40)])
+def test_window_wider_than_any_position_is_unbounded(rng, window):
+    """A window wider than any int32 position means no limit on that side (it
+    used to overflow the C int64 conversion with an OverflowError)."""
+    kp, vp, bt, lens = make_pages(rng, [40, 7], 16, 2, 16)
+    q = randn(rng, (2, 4, 16))
+    bounded = tuple(-1 if w > 2**31 else w for w in window)
+    for call in (lambda w: cpuattn.paged_attention(q, kp, vp, bt, lens, window=w),
+                 lambda w: cpuattn.paged_attention(q, kp, vp, bt.astype(np.int64), lens, window=w)):
+        assert call(window).tobytes() == call(bounded).tobytes()
+    qd, kd = randn(rng, (1, 5, 4, 16)), randn(rng, (1, 9, 2, 16))
+    out = cpuattn.attention(qd, kd, kd, window=window)
+    assert out.tobytes() == cpuattn.attention(qd, kd, kd, window=bounded).tobytes()

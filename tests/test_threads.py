@@ -71,3 +71,11 @@ def test_isa_env_var_in_subprocess():
     r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ,
                        "CPUATTN_ISA": "scalar"}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "scalar"
+
+
+def test_set_num_threads_takes_any_int(threads):
+    """A cap above any core count (or a numpy int) is accepted and means no cap."""
+    threads(2**70)
+    assert cpuattn.get_num_threads() >= 1
+    threads(np.int64(1))
+    assert cpuattn.get_num_threads() == 1

@@ -180,6 +180,8 @@ cdef void run(cpa_fwd_args *a) except *:
 
 from libc.math cimport isfinite, sqrt
 
+cdef int64_t INDEX_MAX = 2**31 - 1   # positions fit int32 (as in _validate)
+
 
 cdef int _float_code(cnp.ndarray x):
     """Kernel dtype code of a float array, or -1."""
@@ -227,7 +229,7 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
             and (scale is None or _real(scale)) and _real(softcap) and softcap >= 0
             and type(window) is tuple and len(window) == 2
             and type(window[0]) is int and type(window[1]) is int
-            and window[0] >= -1 and window[1] >= -1):
+            and -1 <= window[0] <= INDEX_MAX and -1 <= window[1] <= INDEX_MAX):
         return None
     cdef cnp.ndarray qa = q, ka = k_pages, va = v_pages
     cdef cnp.ndarray bt = block_table, sl = seq_lens

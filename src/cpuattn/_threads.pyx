@@ -14,6 +14,7 @@ on its calling thread; results are bitwise the same (they never depend on
 the thread count). A child forked before any kernel ran keeps its threads.
 """
 import math
+import numbers
 import os
 import warnings
 
@@ -125,9 +126,9 @@ def get_num_threads():
 def set_num_threads(n):
     """Set the process-wide cap on kernel threads (an int >= 1)."""
     global _cap
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ShapeError(f"set_num_threads: n must be an int >= 1, got {n!r}")
-    _cap = n
+    _cap = min(int(n), 1 << 30)   # a cap above any core count means no cap
 
 
 def openmp_enabled():

@@ -90,7 +90,9 @@ def check_options(scale, window, softcap, causal, head_dim):
     for side, w in (("left", left), ("right", right)):
         if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Integral) or w < -1:
             raise ShapeError(f"window: {side} must be an int >= -1 (-1 = unbounded), got {w!r}")
-    return float(scale), int(left), int(right), float(softcap), bool(causal)
+    # positions fit int32: a wider window is the same as an unbounded one
+    left, right = (-1 if int(w) > INDEX_MAX else int(w) for w in (left, right))
+    return float(scale), left, right, float(softcap), bool(causal)
 
 
 def check_index_array(x, name, ndim, length=None):

@@ -34,9 +34,20 @@ def _dtype(dtype):
 
 
 def _positive_int(x, name, minimum=1):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < minimum:
-        raise ShapeError(f"{name}: expected an int >= {minimum}, got {x!r}")
+    """An int in [minimum, 2**31 - 1] (sizes and positions fit int32), or ShapeError."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) \
+            or not minimum <= x <= V.INDEX_MAX:
+        raise ShapeError(f"{name}: expected an int in [{minimum}, {V.INDEX_MAX}], got {x!r}")
     return int(x)
+
+
+def _zeros(shape, dtype, name):
+    """np.zeros, with a shape too large for any array reported as a ShapeError
+    (an array that is merely too large for this machine is a MemoryError)."""
+    try:
+        return np.zeros(shape, dtype=dtype)
+    except ValueError:
+        raise ShapeError(f"{name}: shape {shape} is too large for an array") from None
 
 
 class KVCache:
@@ -66,8 +77,8 @@ class KVCache:
         self.dtype = _dtype(dtype)
         cap = _positive_int(capacity, "capacity")
         shape = (self.batch, cap, self.num_kv_heads, self.head_dim)
-        self._k = np.zeros(shape, dtype=self.dtype)
-        self._v = np.zeros(shape, dtype=self.dtype)
+        self._k = _zeros(shape, self.dtype, "KVCache")
+        self._v = _zeros(shape, self.dtype, "KVCache")
         self._lens = np.zeros(self.batch, dtype=np.int64)
         self.num_reallocations = 0
 

@@ -95,8 +95,12 @@ class GQAttention:
         self.dtype = _dtype(dtype)
         self._cdt = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
         rng = np.random.default_rng(seed)
-        self._w = {name: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(self.dtype)
-                   for name, shape in self._weight_shapes().items()}
+        try:
+            self._w = {name: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(self.dtype)
+                       for name, shape in self._weight_shapes().items()}
+        except ValueError:   # numpy: no array can have this many elements
+            raise ShapeError(f"d_model/num_heads/head_dim: weight shapes "
+                             f"{list(self._weight_shapes().values())} are too large") from None
 
     def _weight_shapes(self):
         hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
