@@ -283,6 +283,7 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #define CPA_X86_DISPATCH 1
 #endif
 #define CPA_HAS_DPBF16 0   /* 1 only in the avx512bf16 region below */
+#define CPA_REGION_BF16_ONLY 0   /* likewise: that region compiles only the bf16 kernel */
 
 /* ---- baseline (SSE2 on x86-64, NEON on aarch64) ---- */
 #define ISA_TAG base
@@ -361,20 +362,11 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #define CPA_HAS_F16C 1
 #undef CPA_HAS_DPBF16
 #define CPA_HAS_DPBF16 1
-#define T float
-#define T_IS_F64 0
-#define TTAG f32
-#include "simd_t.h"
-#define KS uint16_t
-#define KSTAG bf16
-#define KS_KIND CPA_KIND_BF16
-#include "forward_body.h"
-#undef KS
-#undef KSTAG
-#undef KS_KIND
-#undef T
-#undef T_IS_F64
-#undef TTAG
+#undef CPA_REGION_BF16_ONLY
+#define CPA_REGION_BF16_ONLY 1
+#include "isa_region.h"
+#undef CPA_REGION_BF16_ONLY
+#define CPA_REGION_BF16_ONLY 0
 #undef ISA_TAG
 #undef VBYTES
 #undef MR

@@ -72,6 +72,7 @@ static inline void TN(hsum4)(V v0, V v1, V v2, V v3, T *out)
     out[0] = TN(hsum)(v0); out[1] = TN(hsum)(v1); out[2] = TN(hsum)(v2); out[3] = TN(hsum)(v3);
 #endif
 }
+#undef CPA_HAS_HSUM_TILE   /* set anew for each (ISA, T) */
 #if VBYTES == 64 && !T_IS_F64 && defined(__AVX512F__)
 #define CPA_HAS_HSUM_TILE 1
 /* s[r * sstride + t] = hsum(a[t][r]) for a 4 x 4 tile of vectors, each summed
