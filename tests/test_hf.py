@@ -185,3 +185,45 @@ def test_sliding_window_model():
     with torch.no_grad():
         torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
                                    rtol=0, atol=0)
+
+
+def test_gpt_oss_sinks_refused_not_dropped():
+    """gpt-oss passes its attention sinks as ``s_aux``; ignoring them gives
+    wrong logits, so the backend must raise instead."""
+    cpuattn_hf.register()
+    cfg = transformers.GptOssConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        vocab_size=VOCAB, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="cpuattn")
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), pytest.raises(CpuAttnError, match="s_aux"):
+        model(ids)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks", "position_bias", "indices", "cache",
+                                  "block_indices", "some_future_keyword"])
+def test_unhonoured_keywords_raise(name):
+    q = torch.randn(1, 2, 3, 4)
+    k = v = torch.randn(1, 2, 3, 4)
+    with pytest.raises(CpuAttnError, match=name):
+        cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None, **{name: torch.zeros(2)})
+
+
+def test_no_effect_keywords_accepted():
+    q = torch.randn(1, 2, 3, 4)
+    k = v = torch.randn(1, 2, 3, 4)
+    want, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None)
+    got, _ = cpuattn_hf.attention_forward(
+        torch.nn.Module(), q, k, v, None, output_attentions=True, use_cache=True,
+        position_ids=torch.arange(3)[None], cache_position=torch.arange(3), s_aux=None,
+        cu_seq_lens_q=None)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    cu = torch.tensor([0, 3])
+    got, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, mask, cu_seq_lens_q=cu,
+                                          cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(CpuAttnError, match="cu_seq_lens_q"):     # no mask records the packing
+        cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=cu)

@@ -139,6 +139,34 @@ def _mask_plan(allowed, window_left):
     return s.tolist(), e.tolist(), c.tolist()
 
 
+# Keywords transformers passes to every attention function that change nothing
+# here: bookkeeping for other layers, or facts the mask already encodes.
+_NO_EFFECT = frozenset({
+    "output_attentions",        # attention weights are never returned (as "sdpa")
+    "output_hidden_states", "output_router_logits", "use_cache", "cache_position",
+    "num_items_in_batch", "deterministic",     # cpuattn is always deterministic
+    "position_ids",             # packed sequences reach us through the mask
+})
+# Packed-sequence offsets: the mask built by sdpa_mask encodes them; without a
+# mask they would be the only record of the packing, which cpuattn cannot honour.
+_PACKING = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+def _refuse_unhonoured(kwargs, attention_mask):
+    """Raise CpuAttnError for a keyword with a value that this backend does
+    not honour (gpt-oss's ``s_aux`` sinks, T5's ``position_bias``, ...):
+    dropping one silently gives wrong logits."""
+    for name, value in kwargs.items():
+        if value is None or value is False or name in _NO_EFFECT:
+            continue
+        if name in _PACKING and attention_mask is not None:
+            continue
+        raise CpuAttnError(
+            f"{name}: the cpuattn transformers backend does not support this keyword "
+            f"(got {type(value).__name__}); refusing rather than ignoring it, which would "
+            f"give wrong results. Use attn_implementation='sdpa' or 'eager' for this model")
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       is_causal=None, softcap=None, sliding_window=None, **kwargs):
     """transformers attention function backed by cpuattn.
@@ -163,16 +191,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         head_dim)`` in query's dtype. Query rows that see no key (padding)
         are 0.
 
-    Raises ShapeError for a mask cpuattn cannot express, CpuAttnError for
-    dropout, a position bias or a paged cache, DTypeError for dtypes.
+    Raises ShapeError for a mask cpuattn cannot express, DTypeError for
+    dtypes, and CpuAttnError for dropout or any keyword it does not honour
+    (attention sinks ``s_aux``/``sinks``, ``position_bias``, a paged
+    ``cache``, sparse ``indices``, ...): an unknown keyword with a value is
+    refused, never dropped.
     """
     if dropout:
         raise CpuAttnError(f"dropout: cpuattn has no attention dropout, got {dropout}")
-    if kwargs.get("position_bias") is not None:
-        raise CpuAttnError("position_bias: not supported by cpuattn")
-    if kwargs.get("cache") is not None:
-        raise CpuAttnError("cache: transformers' paged (continuous batching) cache is not "
-                           "supported by the cpuattn backend")
+    _refuse_unhonoured(kwargs, attention_mask)
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     qn = _to_numpy(query, "query").transpose(0, 2, 1, 3)     # (B, S, H, D), no copy
