@@ -45,23 +45,18 @@ def compiler_has_openmp(compiler_cmd):
 
 class BuildExt(build_ext):
     def build_extensions(self):
-        cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
-        msvc = self.compiler.compiler_type == "msvc"
-        openmp = (not msvc) and compiler_has_openmp(cc)
-        if not openmp and not msvc:
+        cc = list(self.compiler.compiler_so[:1])
+        openmp = compiler_has_openmp(cc)
+        if not openmp:
             warnings.warn("cpuattn: the compiler has no OpenMP; building serial kernels "
                           "(cpuattn.info() will report openmp=False)")
         sanitize = os.environ.get("CPUATTN_SANITIZE", "")
         for ext in self.extensions:
-            if msvc:
-                ext.extra_compile_args += ["/O2", "/openmp"]
-                continue
             ext.extra_compile_args += ["-O3", "-std=gnu11", "-fno-strict-aliasing",
                                        "-Wno-unused-function", "-Wno-unknown-pragmas"]
             if openmp:
                 ext.extra_compile_args.append("-fopenmp")
                 ext.extra_link_args.append("-fopenmp")
-                ext.define_macros.append(("CPUATTN_OPENMP", "1"))
             if sanitize:
                 flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
                 ext.extra_compile_args += flags
@@ -79,6 +74,7 @@ def ext(name, *csources):
     )
 
 
+# platform.c: CPU features, ISA and dtype tables (the engines' dispatch uses it)
 extensions = [
     ext("_threads", "platform.c"),
     ext("_forward", "forward.c", "platform.c"),

@@ -12,111 +12,54 @@ from libc.string cimport memset
 from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 
+from ._engine cimport (
+    cpa_bwd_args, cpa_bwd_item, cpa_bwd_item_fn, cpa_bwd_plan, cpa_bwd_scratch_bytes,
+    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, i64, rows_of, set_mask)
+from ._forward import LAYOUTS
 from ._threads cimport current_isa, team_size
 
 cnp.import_array()
 
-cdef extern from "backward.h" nogil:
-    ctypedef struct cpa_bwd_args:
-        const void *q
-        const void *k
-        const void *v
-        const void *out
-        const void *dout
-        const void *lse
-        void *dq
-        void *dk
-        void *dv
-        void *di
-        int64_t q_s[3]
-        int64_t k_s[3]
-        int64_t v_s[3]
-        int64_t o_s[3]
-        int64_t do_s[3]
-        int64_t lse_s[3]
-        int64_t di_s[3]
-        int64_t dq_s[3]
-        int64_t dk_s[3]
-        int64_t dv_s[3]
-        int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
-        int32_t f64
-        double scale, softcap
-        int32_t causal
-        int64_t window_left, window_right
-        int64_t num_seqs
-        const int64_t *q_start
-        const int64_t *k_start
-        const int64_t *q_len
-        const int64_t *k_len
-    ctypedef struct cpa_bwd_item:
-        int64_t seq
-        int32_t kvh, block
-    int CPA_BWD_KV, CPA_BWD_Q
-    ctypedef void (*cpa_bwd_item_fn)(const cpa_bwd_args *, const cpa_bwd_item *, char *) noexcept nogil
-    int64_t cpa_bwd_plan(const cpa_bwd_args *a, int pass_, cpa_bwd_item *items)
-    size_t cpa_bwd_scratch_bytes(const cpa_bwd_args *a)
-    cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass_, int isa)
-
-cdef inline const int64_t *i64(cnp.ndarray a):
-    return <const int64_t *>cnp.PyArray_DATA(a)
-
-
-cdef void set3(int64_t *dst, tuple s):
-    dst[0] = s[0]
-    dst[1] = s[1]
-    dst[2] = s[2]
-
 
 def backward(cnp.ndarray dout, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
              cnp.ndarray out, cnp.ndarray lse, cnp.ndarray di,
-             cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv,
-             dict strides, tuple dims, double scale, double softcap, bint causal,
-             int64_t window_left, int64_t window_right,
-             cnp.ndarray q_start, cnp.ndarray k_start, cnp.ndarray q_len, cnp.ndarray k_len):
+             cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv, *, str layout, seqs, opts):
     """Gradients of attention over validated arrays (see backward.h).
 
     di: scratch shaped like lse (receives rowsum(dout * out)).
-    strides: name -> (batch, token, head) element strides for "q", "k", "v",
-        "out", "dout", "lse", "di", "dq", "dk", "dv".
-    dims: (num_heads, num_kv_heads, head_dim_qk, head_dim_v).
-    All arrays share one dtype, float32 or float64; index arrays are
-    contiguous int64 of length num_seqs. Writes dq, dk and dv in full.
+    layout: "dense" or "packed", as for the forward (_forward.LAYOUTS).
+    seqs: Sequences (q_start, k_start, q_len, k_len), contiguous int64.
+    opts: Options of the forward call.
+    All arrays share one dtype, float32 or float64. Writes dq, dk and dv in full.
     """
+    q_axes, kv_axes, lse_axes = LAYOUTS[layout]
     cdef cpa_bwd_args a
     memset(&a, 0, sizeof(a))
-    a.q = cnp.PyArray_DATA(q)
-    a.k = cnp.PyArray_DATA(k)
-    a.v = cnp.PyArray_DATA(v)
-    a.out = cnp.PyArray_DATA(out)
-    a.dout = cnp.PyArray_DATA(dout)
-    a.lse = cnp.PyArray_DATA(lse)
-    a.dq = cnp.PyArray_DATA(dq)
-    a.dk = cnp.PyArray_DATA(dk)
-    a.dv = cnp.PyArray_DATA(dv)
-    a.di = cnp.PyArray_DATA(di)
-    set3(a.q_s, strides["q"])
-    set3(a.k_s, strides["k"])
-    set3(a.v_s, strides["v"])
-    set3(a.o_s, strides["out"])
-    set3(a.do_s, strides["dout"])
-    set3(a.lse_s, strides["lse"])
-    set3(a.di_s, strides["di"])
-    set3(a.dq_s, strides["dq"])
-    set3(a.dk_s, strides["dk"])
-    set3(a.dv_s, strides["dv"])
-    a.num_heads, a.num_kv_heads, a.head_dim_qk, a.head_dim_v = dims
+    a.q = rows_of(q, q_axes)
+    a.out = rows_of(out, q_axes)
+    a.dout = rows_of(dout, q_axes)
+    a.dq = rows_of(dq, q_axes)
+    a.k = rows_of(k, kv_axes)
+    a.v = rows_of(v, kv_axes)
+    a.dk = rows_of(dk, kv_axes)
+    a.dv = rows_of(dv, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
+    a.di = rows_of(di, lse_axes)
+    a.num_heads = q.shape[q.ndim - 2]
+    a.num_kv_heads = k.shape[k.ndim - 2]
+    a.head_dim_qk = q.shape[q.ndim - 1]
+    a.head_dim_v = v.shape[v.ndim - 1]
     a.f64 = q.dtype.itemsize == 8
-    a.scale = scale
-    a.softcap = softcap
-    a.causal = causal
-    a.window_left = window_left
-    a.window_right = window_right
-    a.num_seqs = q_len.shape[0]
-    a.q_start = i64(q_start)
-    a.k_start = i64(k_start)
-    a.q_len = i64(q_len)
-    a.k_len = i64(k_len)
-    cdef int64_t work = int((q_len * k_len).sum()) * a.num_heads * (a.head_dim_qk + a.head_dim_v)
+    a.scale = opts.scale
+    a.softcap = opts.softcap
+    set_mask(&a.mask, opts)
+    a.num_seqs = seqs.q_len.shape[0]
+    a.q_start = i64(seqs.q_start)
+    a.k_start = i64(seqs.k_start)
+    a.q_len = i64(seqs.q_len)
+    a.k_len = i64(seqs.k_len)
+    cdef int64_t work = int((seqs.q_len * seqs.k_len).sum()) * a.num_heads * (
+        a.head_dim_qk + a.head_dim_v)
     run(&a, work)
 
 

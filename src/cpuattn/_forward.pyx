@@ -12,54 +12,19 @@ from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 import numpy as np
 
+from ._engine cimport (
+    cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
+    cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one, i64,
+    CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_size,
+    cpa_rows, rows_of, set_mask)
 from ._threads cimport current_isa, team_size
 
 cnp.import_array()
 
-cdef extern from "forward.h" nogil:
-    ctypedef struct cpa_fwd_args:
-        const void *q
-        const void *k
-        const void *v
-        void *out
-        void *lse
-        int64_t q_tok, q_head, o_tok, o_head
-        int64_t k_tok, k_head, k_page, v_tok, v_head, v_page
-        int64_t lse_head, lse_tok
-        int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
-        int32_t q_dtype, kv_dtype
-        double scale, softcap
-        int32_t causal
-        int64_t window_left, window_right
-        int64_t num_seqs
-        const int64_t *q_off
-        const int64_t *o_off
-        const int64_t *lse_off
-        const int64_t *k_off
-        const int64_t *v_off
-        const int64_t *q_len
-        const int64_t *k_len
-        const int32_t *block_table
-        int64_t bt_stride, page_size
-    ctypedef struct cpa_fwd_item:
-        int64_t seq, slot
-        int32_t kvh, nkvh, qblock
-        int64_t key_lo, key_hi
-    ctypedef struct cpa_fwd_merge:
-        int64_t seq, slot0
-        int32_t kvh, nkvh, nsplit
-    ctypedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *, char *) noexcept nogil
-    int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
-                         int64_t *n_merges, int64_t *n_slots)
-    int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
-    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
-    size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
-    cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
-    void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
-                           char *scratch)
 
-cdef inline const int64_t *i64(cnp.ndarray a):
-    return <const int64_t *>cnp.PyArray_DATA(a)
+# The storage dtypes of the engine, from its one table (csrc/engine.h):
+# (numpy name, kernel code, element bytes).
+DTYPES = tuple((cpa_dtype_name(c).decode(), c, cpa_dtype_size(c)) for c in range(CPA_DTYPE_COUNT))
 
 
 def kernel_available(int q_dtype, int kv_dtype):
@@ -71,48 +36,49 @@ def kernel_available(int q_dtype, int kv_dtype):
     return cpa_fwd_kernel(&a, current_isa()) != NULL
 
 
-def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, lse,
-            int q_dtype, int kv_dtype, tuple strides, tuple dims,
-            double scale, double softcap, bint causal, int64_t window_left, int64_t window_right,
-            cnp.ndarray q_off, cnp.ndarray o_off, cnp.ndarray lse_off,
-            cnp.ndarray k_off, cnp.ndarray v_off, cnp.ndarray q_len, cnp.ndarray k_len,
-            block_table, int64_t page_size):
+# The (sequence, token, head) axes of (q and out, k and v, lse) per call
+# form; -1: the array has no such axis. Paged K/V: the page is the sequence axis.
+LAYOUTS = {
+    "dense": ((0, 1, 2), (0, 1, 2), (0, 2, 1)),    # (B, S, H, D); lse (B, H, S)
+    "packed": ((-1, 0, 1), (-1, 0, 1), (-1, 1, 0)),  # (T, H, D); lse (H, T)
+    "paged": ((-1, 0, 1), (0, 1, 2), (-1, 1, 0)),   # q packed, pages (P, page_size, Hkv, D)
+}
+
+
+def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, lse, *,
+            str layout, seqs, opts, block_table=None):
     """Run attention over validated arrays (see forward.h for the layout).
 
-    strides: (q_tok, q_head, o_tok, o_head, k_tok, k_head, k_page,
-              v_tok, v_head, v_page, lse_head, lse_tok) in elements.
-    dims: (num_heads, num_kv_heads, head_dim_qk, head_dim_v).
-    Index arrays are contiguous int64 (block_table: int32 2-D or None).
+    layout: a key of LAYOUTS. seqs: Sequences of contiguous int64 arrays
+    (q_start, k_start, q_len, k_len). opts: Options (scale, window, softcap,
+    causal). block_table: contiguous int32 (batch, width), for "paged" only.
     """
+    q_axes, kv_axes, lse_axes = LAYOUTS[layout]
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
-    a.q = cnp.PyArray_DATA(q)
-    a.k = cnp.PyArray_DATA(k)
-    a.v = cnp.PyArray_DATA(v)
-    a.out = cnp.PyArray_DATA(out)
-    a.lse = cnp.PyArray_DATA(<cnp.ndarray>lse) if lse is not None else NULL
-    (a.q_tok, a.q_head, a.o_tok, a.o_head, a.k_tok, a.k_head, a.k_page,
-     a.v_tok, a.v_head, a.v_page, a.lse_head, a.lse_tok) = strides
-    a.num_heads, a.num_kv_heads, a.head_dim_qk, a.head_dim_v = dims
-    a.q_dtype = q_dtype
-    a.kv_dtype = kv_dtype
-    a.scale = scale
-    a.softcap = softcap
-    a.causal = causal
-    a.window_left = window_left
-    a.window_right = window_right
-    a.num_seqs = q_len.shape[0]
-    a.q_off = i64(q_off)
-    a.o_off = i64(o_off)
-    a.lse_off = i64(lse_off)
-    a.k_off = i64(k_off)
-    a.v_off = i64(v_off)
-    a.q_len = i64(q_len)
-    a.k_len = i64(k_len)
+    a.q = rows_of(q, q_axes)
+    a.out = rows_of(out, q_axes)
+    a.k = rows_of(k, kv_axes)
+    a.v = rows_of(v, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
+    a.num_heads = q.shape[q.ndim - 2]
+    a.num_kv_heads = k.shape[k.ndim - 2]
+    a.head_dim_qk = q.shape[q.ndim - 1]
+    a.head_dim_v = v.shape[v.ndim - 1]
+    a.q_dtype = _float_code(q)
+    a.kv_dtype = _float_code(k)
+    a.scale = opts.scale
+    a.softcap = opts.softcap
+    set_mask(&a.mask, opts)
+    a.num_seqs = seqs.q_len.shape[0]
+    a.q_start = i64(seqs.q_start)
+    a.k_start = i64(seqs.k_start)
+    a.q_len = i64(seqs.q_len)
+    a.k_len = i64(seqs.k_len)
     if block_table is not None:
         a.block_table = <const int32_t *>cnp.PyArray_DATA(<cnp.ndarray>block_table)
         a.bt_stride = (<cnp.ndarray>block_table).shape[1]
-        a.page_size = page_size
+        a.page_size = k.shape[1]
     run(&a)
 
 
@@ -187,13 +153,13 @@ cdef int _float_code(cnp.ndarray x):
     """Kernel dtype code of a float array, or -1."""
     cdef int t = cnp.PyArray_TYPE(x)
     if t == cnp.NPY_FLOAT32:
-        return 0
+        return CPA_F32
     if t == cnp.NPY_FLOAT64:
-        return 1
+        return CPA_F64
     if t == cnp.NPY_FLOAT16:
-        return 2
+        return CPA_F16
     if t >= 256 and x.dtype.name == "bfloat16":   # a user dtype (ml_dtypes)
-        return 3
+        return CPA_BF16
     return -1
 
 
@@ -236,7 +202,7 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
     if not (_rows_ok(qa, 3) and _rows_ok(ka, 4) and _rows_ok(va, 4)):
         return None
     cdef int qc = _float_code(qa), kc = _float_code(ka)
-    if qc < 0 or kc < 0 or _float_code(va) != kc or (qc == 1) != (kc == 1):
+    if qc < 0 or kc < 0 or _float_code(va) != kc or (qc == CPA_F64) != (kc == CPA_F64):
         return None
     cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(qa)
     cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(ka)
@@ -259,32 +225,19 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
                 return None
 
     out = np.empty((batch, h, dv), dtype=q.dtype)
-    lse = np.empty((h, batch), dtype=np.float64 if qc == 1 else np.float32) if return_lse else None
+    lse = np.empty((h, batch), dtype=np.float64 if qc == CPA_F64 else np.float32) if return_lse else None
     cdef cnp.ndarray oa = out
-    cdef int64_t *idx = <int64_t *>malloc(7 * batch * sizeof(int64_t))
+    cdef int64_t *idx = <int64_t *>malloc(3 * batch * sizeof(int64_t))
     if idx == NULL:
         raise MemoryError("cpuattn: cannot allocate the sequence table")
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
-    cdef int64_t qi = cnp.PyArray_ITEMSIZE(qa), ki = cnp.PyArray_ITEMSIZE(ka)
-    cdef int64_t vi = cnp.PyArray_ITEMSIZE(va)
-    a.q = cnp.PyArray_DATA(qa)
-    a.k = cnp.PyArray_DATA(ka)
-    a.v = cnp.PyArray_DATA(va)
-    a.out = cnp.PyArray_DATA(oa)
-    a.lse = cnp.PyArray_DATA(<cnp.ndarray>lse) if return_lse else NULL
-    a.q_tok = cnp.PyArray_STRIDES(qa)[0] // qi
-    a.q_head = cnp.PyArray_STRIDES(qa)[1] // qi
-    a.o_tok = h * dv
-    a.o_head = dv
-    a.k_page = cnp.PyArray_STRIDES(ka)[0] // ki
-    a.k_tok = cnp.PyArray_STRIDES(ka)[1] // ki
-    a.k_head = cnp.PyArray_STRIDES(ka)[2] // ki
-    a.v_page = cnp.PyArray_STRIDES(va)[0] // vi
-    a.v_tok = cnp.PyArray_STRIDES(va)[1] // vi
-    a.v_head = cnp.PyArray_STRIDES(va)[2] // vi
-    a.lse_head = batch
-    a.lse_tok = 1
+    q_axes, kv_axes, lse_axes = LAYOUTS["paged"]
+    a.q = rows_of(qa, q_axes)
+    a.out = rows_of(oa, q_axes)
+    a.k = rows_of(ka, kv_axes)
+    a.v = rows_of(va, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
     a.num_heads = <int32_t>h
     a.num_kv_heads = <int32_t>hkv
     a.head_dim_qk = <int32_t>d
@@ -293,20 +246,16 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
     a.kv_dtype = kc
     a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
     a.softcap = <double>softcap
-    a.causal = causal
-    a.window_left = window[0]
-    a.window_right = window[1]
+    a.mask.causal = causal
+    a.mask.window_left = window[0]
+    a.mask.window_right = window[1]
     a.num_seqs = batch
     for b in range(batch):
-        idx[b] = b * a.q_tok                     # q_off
-        idx[batch + b] = b * a.o_tok             # o_off
-        idx[2 * batch + b] = b                   # lse_off
-        idx[3 * batch + b] = 0                   # k_off, v_off
-        idx[4 * batch + b] = 1                   # q_len
-        idx[5 * batch + b] = lens[b]             # k_len
-    a.q_off, a.o_off, a.lse_off = idx, idx + batch, idx + 2 * batch
-    a.k_off = a.v_off = idx + 3 * batch
-    a.q_len, a.k_len = idx + 4 * batch, idx + 5 * batch
+        idx[b] = b                               # q_start: one query per sequence
+        idx[batch + b] = 1                       # q_len
+        idx[2 * batch + b] = lens[b]             # k_len
+    a.q_start, a.q_len, a.k_len = idx, idx + batch, idx + 2 * batch
+    a.k_start = a.q_start                        # unread: paged
     a.block_table = table
     a.bt_stride = width
     a.page_size = page_size

@@ -61,7 +61,6 @@ cdef extern from "pool.h" nogil:
     void cpa_pool_fork_parent(cpa_pool *p)
     void cpa_pool_fork_child(cpa_pool *p)
 
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _INT64_MAX = 2**63 - 1
 
 
@@ -80,7 +79,7 @@ def _pool_dtype(dtype):
         dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt is None or dt.name not in _DTYPES:
+    if dt is None or dt.name not in V.DTYPE_NAMES:
         raise DTypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype!r}")
     return dt
 

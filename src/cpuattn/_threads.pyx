@@ -20,12 +20,8 @@ import warnings
 
 from .errors import ShapeError
 
-cdef extern from "platform.h" nogil:
-    int cpa_isa_best()
-    const char *cpa_isa_name(int isa)
-    int cpa_openmp_enabled()
-    int cpa_omp_max_threads()
-    int CPA_ISA_COUNT
+from ._engine cimport (CPA_ISA_COUNT, cpa_isa_best, cpa_isa_name, cpa_isa_supported,
+                       cpa_omp_max_threads, cpa_openmp_enabled)
 
 cdef int _cap = 1
 cdef int _isa = 0
@@ -136,6 +132,7 @@ def openmp_enabled():
 
 
 def isa_names():
+    """Every SIMD path this build has, in order of preference (slowest first)."""
     return [cpa_isa_name(i).decode() for i in range(CPA_ISA_COUNT)]
 
 
@@ -145,8 +142,9 @@ def best_isa():
 
 
 def supported_isas():
-    """SIMD paths this machine can run, slowest first."""
-    return isa_names()[: cpa_isa_best() + 1]
+    """SIMD paths this machine can run, slowest first (each path's own
+    feature test: the list need not be a prefix of isa_names())."""
+    return [cpa_isa_name(i).decode() for i in range(CPA_ISA_COUNT) if cpa_isa_supported(i)]
 
 
 def get_isa():
@@ -160,7 +158,7 @@ def set_isa(name):
     names = supported_isas()
     if name not in names:
         raise ShapeError(f"isa: expected one of {names} on this CPU, got {name!r}")
-    _isa = names.index(name)
+    _isa = isa_names().index(name)
 
 
 def _init():
@@ -170,7 +168,7 @@ def _init():
     forced = os.environ.get("CPUATTN_ISA", "").strip().lower()
     if forced:
         if forced in supported_isas():
-            _isa = supported_isas().index(forced)
+            _isa = isa_names().index(forced)
         else:
             warnings.warn(f"CPUATTN_ISA={forced!r} is not supported on this CPU "
                           f"(supported: {supported_isas()}); using {get_isa()!r}",

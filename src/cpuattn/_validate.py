@@ -6,25 +6,50 @@ was received.
 """
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
+from ._forward import DTYPES
 from .errors import DTypeError, ShapeError
 
-F32, F64, F16, BF16 = 0, 1, 2, 3
-_CODES = {"float32": F32, "float64": F64, "float16": F16, "bfloat16": BF16}
-_CODE_OF = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): F16}
+# the engine's storage dtypes (csrc/engine.h), by numpy name
+DTYPE_NAMES = tuple(name for name, _, _ in DTYPES)
+_CODES = {name: code for name, code, _ in DTYPES}
 INDEX_MAX = 2**31 - 1
+
+
+class Options(NamedTuple):
+    """Checked options of a call, as the engine takes them."""
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    causal: bool
+
+
+class Sequences(NamedTuple):
+    """The sequences of a call (contiguous int64, one entry per sequence):
+    sequence b's queries are rows q_start[b] .. q_start[b] + q_len[b] - 1 of
+    q, its keys rows k_start[b] .. of k (unused for paged K/V)."""
+    q_start: np.ndarray
+    k_start: np.ndarray
+    q_len: np.ndarray
+    k_len: np.ndarray
+
+
+def compute_dtype(dtype):
+    """The dtype kernels compute and return lse in: float64 for float64
+    storage, float32 for every other storage dtype."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 def dtype_code(arr, name):
     """Kernel dtype tag of an array, or DTypeError."""
-    code = _CODE_OF.get(arr.dtype)
+    code = _CODES.get(arr.dtype.name)   # by name: bfloat16 is a user dtype (ml_dtypes)
     if code is None:
-        code = _CODES.get(arr.dtype.name)   # bfloat16 (ml_dtypes) is matched by name
-    if code is None:
-        raise DTypeError(f"{name}: expected dtype float32, float64, float16 or bfloat16, "
-                         f"got {arr.dtype}")
+        raise DTypeError(f"{name}: expected dtype {', '.join(DTYPE_NAMES[:-1])} or "
+                         f"{DTYPE_NAMES[-1]}, got {arr.dtype}")
     return code
 
 
@@ -72,7 +97,7 @@ def check_heads(num_heads, num_kv_heads, qname="q", kname="k"):
 
 
 def check_options(scale, window, softcap, causal, head_dim):
-    """Validated (scale, window_left, window_right, softcap, causal)."""
+    """Validated Options (scale, window_left, window_right, softcap, causal)."""
     if not isinstance(causal, (bool, np.bool_)):
         raise ShapeError(f"causal: expected a bool, got {causal!r}")
     if scale is None:
@@ -92,7 +117,7 @@ def check_options(scale, window, softcap, causal, head_dim):
             raise ShapeError(f"window: {side} must be an int >= -1 (-1 = unbounded), got {w!r}")
     # positions fit int32: a wider window is the same as an unbounded one
     left, right = (-1 if int(w) > INDEX_MAX else int(w) for w in (left, right))
-    return float(scale), left, right, float(softcap), bool(causal)
+    return Options(float(scale), left, right, float(softcap), bool(causal))
 
 
 def check_index_array(x, name, ndim, length=None):
@@ -165,5 +190,5 @@ def prepare_outputs(out, shape, q, inputs, return_lse, lse_shape):
         check_out(out, shape, q.dtype, inputs)
     lse = None
     if return_lse:
-        lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+        lse = np.empty(lse_shape, dtype=compute_dtype(q.dtype))
     return out, lse

@@ -15,10 +15,6 @@ from .errors import DTypeError, ShapeError
 from .paged import check_block_table, check_pages, check_queries
 
 
-def _compute_dtype(dtype):
-    return np.float64 if dtype == np.float64 else np.float32
-
-
 _DENSE = ("(batch, seq_q, num_heads, head_dim_v)", "(batch, num_heads, seq_q)")
 _PACKED = ("(total_q, num_heads, head_dim_v)", "(num_heads, total_q)")
 
@@ -34,7 +30,7 @@ def _check_forward_results(out, dout, lse, q, out_shape, lse_shape, layouts):
         if arr.dtype != q.dtype:
             raise DTypeError(f"{name}: expected dtype {q.dtype} (as q), got {arr.dtype}")
     lse = V.as_array(lse, "lse")
-    want = np.dtype(_compute_dtype(q.dtype))
+    want = np.dtype(V.compute_dtype(q.dtype))
     if lse.dtype != want:
         raise DTypeError(f"lse: expected dtype {want} for {q.dtype} input "
                          f"(as returned by the forward), got {lse.dtype}")
@@ -43,31 +39,21 @@ def _check_forward_results(out, dout, lse, q, out_shape, lse_shape, layouts):
     return lse
 
 
-def _run(arrays, packed, dims, opts, q_start, k_start, q_len, k_len):
+def _run(arrays, layout, seqs, opts):
     """Convert to the compute dtype, allocate gradients, run the engine.
 
-    arrays: dict of dout, q, k, v, out, lse (validated). packed: 3-D token
-    layout (batch strides 0) instead of 4-D dense. Returns (dq, dk, dv) in the
-    compute dtype.
+    arrays: dict of dout, q, k, v, out, lse (validated); layout: "dense" or
+    "packed". Returns (dq, dk, dv) in the compute dtype.
     """
-    ct = _compute_dtype(arrays["q"].dtype)
+    ct = V.compute_dtype(arrays["q"].dtype)
     a = {n: (x if x.dtype == ct else x.astype(ct)) for n, x in arrays.items()}
     dq = np.empty(a["q"].shape, ct)
     dk = np.empty(a["k"].shape, ct)
     dv = np.empty(a["v"].shape, ct)
     di = np.empty(a["lse"].shape, ct)
-    strides = {}
-    for name, x in list(a.items()) + [("di", di), ("dq", dq), ("dk", dk), ("dv", dv)]:
-        s = V.estrides(x)
-        if name in ("lse", "di"):   # dense (batch, heads, tokens), packed (heads, tokens)
-            strides[name] = (0, s[1], s[0]) if packed else (s[0], s[2], s[1])
-        else:               # dense (batch, tokens, heads, dim), packed (tokens, heads, dim)
-            strides[name] = (0, s[0], s[1]) if packed else (s[0], s[1], s[2])
-    scale, left, right, softcap, causal = opts
     if dq.size or dk.size or dv.size:
         _backward.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], di, dq, dk, dv,
-                           strides, dims, scale, softcap, causal, left, right,
-                           q_start, k_start, q_len, k_len)
+                           layout=layout, seqs=seqs, opts=opts)
     return dq, dk, dv
 
 
@@ -104,17 +90,16 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     lse = _check_forward_results(out, dout, lse, q, (b, sq, h, dv), (b, h, sq), _DENSE)
     opts = V.check_options(scale, window, softcap, causal, d)
     zeros = np.zeros(b, dtype=np.int64)
-    dq, dk, dv_ = _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), False, (h, hkv, d, dv),
-                       opts, zeros, zeros, np.full(b, sq, np.int64), np.full(b, sk, np.int64))
+    seqs = V.Sequences(zeros, zeros, np.full(b, sq, np.int64), np.full(b, sk, np.int64))
+    dq, dk, dv_ = _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), "dense", seqs, opts)
     return dq.astype(q.dtype, copy=False), dk.astype(q.dtype, copy=False), \
         dv_.astype(q.dtype, copy=False)
 
 
 def _varlen(dout, q, k, v, out, lse, cuq, cuk, opts):
     """Packed backward on validated 3-D arrays; gradients in the compute dtype."""
-    h, hkv, d, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
-    return _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), True, (h, hkv, d, dv), opts,
-                cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
+    seqs = V.Sequences(cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
+    return _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), "packed", seqs, opts)
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
@@ -200,7 +185,7 @@ def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, o
     seq = np.repeat(np.arange(batch), lens)
     page = bt[seq, pos // page_size]
     slot = pos % page_size
-    ct = _compute_dtype(q.dtype)
+    ct = V.compute_dtype(q.dtype)
     k = k_pages[page, slot].astype(ct, copy=False)
     v = v_pages[page, slot].astype(ct, copy=False)
     cuk = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)

@@ -105,19 +105,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     """
     q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
     code, (b, sq, sk), (h, hkv, d, dv) = _check_dense_qkv(q, k, v)
-    scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
+    opts = V.check_options(scale, window, softcap, causal, d)
     out, lse = V.prepare_outputs(out, (b, sq, h, dv), q,
                                  [("q", q, True), ("k", k, False), ("v", v, False)],
                                  return_lse, (b, h, sq))
     if out.size or (lse is not None and lse.size):
-        qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
-        idx = np.arange(b, dtype=np.int64)
-        _forward.forward(
-            q, k, v, out, lse, code, code,
-            (qs[1], qs[2], os_[1], os_[2], ks[1], ks[2], 0, vs[1], vs[2], 0, sq, 1),
-            (h, hkv, d, dv), scale, softcap, causal, left, right,
-            idx * qs[0], idx * os_[0], idx * (h * sq), idx * ks[0], idx * vs[0],
-            np.full(b, sq, dtype=np.int64), np.full(b, sk, dtype=np.int64), None, 0)
+        zeros = np.zeros(b, dtype=np.int64)
+        seqs = V.Sequences(zeros, zeros, np.full(b, sq, dtype=np.int64),
+                           np.full(b, sk, dtype=np.int64))
+        _forward.forward(q, k, v, out, lse, layout="dense", seqs=seqs, opts=opts)
     return (out, lse) if return_lse else out
 
 
@@ -141,17 +137,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     q, k, v = V.as_array(q, "q"), V.as_array(k, "k"), V.as_array(v, "v")
     code, (h, hkv, d, dv) = _check_packed_qkv(q, k, v)
     cuq, cuk = _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
+    opts = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
     out, lse = V.prepare_outputs(out, (total, h, dv), q,
                                  [("q", q, True), ("k", k, False), ("v", v, False)],
                                  return_lse, (h, total))
     if total:
-        qs, ks, vs, os_ = V.estrides(q), V.estrides(k), V.estrides(v), V.estrides(out)
-        _forward.forward(
-            q, k, v, out, lse, code, code,
-            (qs[0], qs[1], os_[0], os_[1], ks[0], ks[1], 0, vs[0], vs[1], 0, total, 1),
-            (h, hkv, d, dv), scale, softcap, causal, left, right,
-            cuq[:-1] * qs[0], cuq[:-1] * os_[0], cuq[:-1].copy(), cuk[:-1] * ks[0],
-            cuk[:-1] * vs[0], np.diff(cuq), np.diff(cuk), None, 0)
+        seqs = V.Sequences(cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
+        _forward.forward(q, k, v, out, lse, layout="packed", seqs=seqs, opts=opts)
     return (out, lse) if return_lse else out

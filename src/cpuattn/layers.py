@@ -93,7 +93,7 @@ class GQAttention:
             rope_theta = float(rope_theta)
         self.rope_theta = rope_theta
         self.dtype = _dtype(dtype)
-        self._cdt = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+        self._cdt = V.compute_dtype(self.dtype)
         rng = np.random.default_rng(seed)
         try:
             self._w = {name: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(self.dtype)

@@ -138,20 +138,16 @@ def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=
     batch = lens.shape[0]
     cuq = check_queries(q, cu_seqlens_q, lens)
     nq = np.diff(cuq)
-    scale, left, right, softcap, causal = V.check_options(scale, window, softcap, causal, d)
+    opts = V.check_options(scale, window, softcap, causal, d)
     total = q.shape[0]
     out, lse = V.prepare_outputs(out, (total, h, dv), q,
                                  [("q", q, True), ("k_pages", k_pages, False),
                                   ("v_pages", v_pages, False)], return_lse, (h, total))
     if total:
-        qs, ks, vs, os_ = V.estrides(q), V.estrides(k_pages), V.estrides(v_pages), V.estrides(out)
-        zeros = np.zeros(batch, dtype=np.int64)
-        _forward.forward(
-            q, k_pages, v_pages, out, lse, q_code, kv_code,
-            (qs[0], qs[1], os_[0], os_[1], ks[1], ks[2], ks[0], vs[1], vs[2], vs[0], total, 1),
-            (h, hkv, d, dv), scale, softcap, causal, left, right,
-            cuq[:-1] * qs[0], cuq[:-1] * os_[0], cuq[:-1].copy(), zeros, zeros, nq, lens,
-            bt, page_size)
+        q_start = cuq[:-1].copy()
+        seqs = V.Sequences(q_start, q_start, nq, lens)   # k_start: unused for pages
+        _forward.forward(q, k_pages, v_pages, out, lse, layout="paged", seqs=seqs, opts=opts,
+                         block_table=bt)
     return (out, lse) if return_lse else out
 
 

@@ -133,27 +133,27 @@ static int run_case(const tcase *c, int isa)
             }
         }
 
-    int64_t q_off[3], o_off[3], lse_off[3], k_off[3], v_off[3], q_len[3], k_len[3];
+    int64_t q_start[3], k_start[3], q_len[3], k_len[3];
     for (int b = 0; b < c->nseq; b++) {
-        q_off[b] = cu_q[b] * H * Dk; o_off[b] = cu_q[b] * H * Dv; lse_off[b] = cu_q[b];
-        k_off[b] = P ? 0 : cu_k[b] * Hkv * Dk; v_off[b] = P ? 0 : cu_k[b] * Hkv * Dv;
+        q_start[b] = cu_q[b]; k_start[b] = P ? 0 : cu_k[b];
         q_len[b] = c->sq[b]; k_len[b] = c->sk[b];
     }
     cpa_fwd_args a;
     memset(&a, 0, sizeof a);
-    a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
-    a.q_tok = H * Dk; a.q_head = Dk; a.o_tok = H * Dv; a.o_head = Dv;
-    a.k_tok = Hkv * Dk; a.k_head = Dk; a.k_page = P * Hkv * Dk;
-    a.v_tok = Hkv * Dv; a.v_head = Dv; a.v_page = P * Hkv * Dv;
-    a.lse_head = tq; a.lse_tok = 1;
+    /* packed rows: sequence b starts at row q_start[b] (k_start[b]); with pages
+     * cpa_rows.seq is the page stride */
+    a.q = (cpa_rows){q, 0, H * Dk, Dk};
+    a.out = (cpa_rows){out, 0, H * Dv, Dv};
+    a.lse = (cpa_rows){lse, 0, 1, tq};
+    a.k = (cpa_rows){k, P * Hkv * Dk, Hkv * Dk, Dk};
+    a.v = (cpa_rows){v, P * Hkv * Dv, Hkv * Dv, Dv};
     a.num_heads = (int32_t)H; a.num_kv_heads = (int32_t)Hkv;
     a.head_dim_qk = (int32_t)Dk; a.head_dim_v = (int32_t)Dv;
     a.q_dtype = c->q_dtype; a.kv_dtype = c->kv_dtype;
-    a.scale = 1.0 / sqrt((double)Dk); a.softcap = c->softcap; a.causal = c->causal;
-    a.window_left = c->wl; a.window_right = c->wr;
+    a.scale = 1.0 / sqrt((double)Dk); a.softcap = c->softcap; a.mask.causal = c->causal;
+    a.mask.window_left = c->wl; a.mask.window_right = c->wr;
     a.num_seqs = c->nseq;
-    a.q_off = q_off; a.o_off = o_off; a.lse_off = lse_off; a.k_off = k_off; a.v_off = v_off;
-    a.q_len = q_len; a.k_len = k_len;
+    a.q_start = q_start; a.k_start = k_start; a.q_len = q_len; a.k_len = k_len;
     if (P) { a.block_table = bt; a.bt_stride = width; a.page_size = P; }
 
     cpa_fwd_item_fn kernel = cpa_fwd_kernel(&a, isa);
@@ -255,7 +255,7 @@ int main(void)
         {CPA_BF16, CPA_F32}, {CPA_F16, CPA_F32},
     };
     int fails = 0, runs = 0;
-    for (int isa = 0; isa <= cpa_isa_best(); isa++)
+    for (int isa = 0; isa < CPA_ISA_COUNT; isa++) if (cpa_isa_supported(isa))
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
             for (size_t kd = 0; kd < sizeof kinds / sizeof *kinds; kd++) {
                 tcase c = shapes[s];

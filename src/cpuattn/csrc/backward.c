@@ -5,51 +5,23 @@
 #include <stdint.h>
 #include <string.h>
 #include "backward.h"
+#include "engine.h"
 #include "platform.h"
-
-#define CPA_CAT3_(a, b, c) a##_##b##_##c
-#define CPA_CAT3(a, b, c) CPA_CAT3_(a, b, c)
 
 /* Blocking constants. Shapes only, never thread counts. */
 #define CPA_BWD_BK 64        /* keys per block; a multiple of every NVL */
 #define CPA_BWD_MROWS 64     /* target query rows (tokens x group heads) per block */
 #define CPA_BWD_BK_PAD (CPA_BWD_BK + 8)  /* key rows rounded up to any ISA's MR (<= 8) */
 #define CPA_BWD_LPAD 32      /* a multiple of every NVL (lanes of one micro-kernel call) */
-#define CPA_ALIGN 64
-
-static inline int64_t cpa_min(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t cpa_max(int64_t a, int64_t b) { return a > b ? a : b; }
-static inline int64_t cpa_roundup(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 static inline int64_t cpa_bwd_group(const cpa_bwd_args *a) { return a->num_heads / a->num_kv_heads; }
 static inline int64_t cpa_bwd_block_tokens(int64_t g) { return g >= CPA_BWD_MROWS ? 1 : CPA_BWD_MROWS / g; }
 /* Row capacity of a query block, padded for any ISA's MR and NVL. */
 static inline int64_t cpa_bwd_mcap(int64_t g) { return cpa_roundup(g * cpa_bwd_block_tokens(g), CPA_BWD_LPAD) + 8; }
 
-/* Keys query token t (of nq, against Sk keys) sees: [*lo, *hi], empty if
- * *hi < *lo. Bottom-right aligned: token t sits at position t + Sk - nq. */
-static inline void cpa_bwd_interval(const cpa_bwd_args *a, int64_t nq, int64_t Sk, int64_t t,
-                                    int64_t *lo, int64_t *hi)
-{
-    const int64_t p = t + Sk - nq;
-    int64_t l = 0, h = Sk - 1;
-    if (a->window_left >= 0 && p - a->window_left > l) l = p - a->window_left;
-    if (a->causal && p < h) h = p;
-    if (a->window_right >= 0 && p + a->window_right < h) h = p + a->window_right;
-    *lo = l;
-    *hi = h;
-}
-
 typedef struct {
     size_t ta, tb, acc1, acc2, p, ds, lse, di, lo, hi, qrow, dorow, krow, vrow, zero, fix, total;
 } cpa_bwd_layout;
-
-static size_t cpa_take(size_t *at, size_t bytes)
-{
-    size_t off = *at;
-    *at += (bytes + CPA_ALIGN - 1) / CPA_ALIGN * CPA_ALIGN;
-    return off;
-}
 
 /* One layout serves both passes (shared buffers: kv pass | q pass). */
 static void cpa_bwd_layout_of(const cpa_bwd_args *a, cpa_bwd_layout *L)
@@ -110,84 +82,18 @@ int64_t cpa_bwd_plan(const cpa_bwd_args *a, int pass, cpa_bwd_item *items)
     return ni;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPA_X86_DISPATCH 1
-#endif
+#define CPA_ISA_BODY "backward_isa.h"
+#include "isa_regions.h"
 
-/* ---- baseline (SSE2 on x86-64, NEON on aarch64) ---- */
-#define ISA_TAG base
-#define VBYTES 16
-#define MR 4
-#define NV 2
-#include "backward_isa.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-
-#ifdef CPA_X86_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#define ISA_TAG avx2
-#define VBYTES 32
-#define MR 6
-#define NV 2
-#include "backward_isa.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
-#endif
-#define ISA_TAG avx512
-#define VBYTES 64
-#define MR 8
-#define NV 2
-#include "backward_isa.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif /* CPA_X86_DISPATCH */
-
-#define CPA_BWD_ROW(isa) \
-    { { kv_item_##isa##_f32, kv_item_##isa##_f64 }, { q_item_##isa##_f32, q_item_##isa##_f64 } }
-
-static const cpa_bwd_item_fn cpa_bwd_table[CPA_ISA_COUNT][2][2] = {
-    CPA_BWD_ROW(base),
-#ifdef CPA_X86_DISPATCH
-    CPA_BWD_ROW(avx2),
-    CPA_BWD_ROW(avx512),
-    CPA_BWD_ROW(avx512),   /* avx512bf16: the backward computes in fp32 */
-#else
-    { { 0, 0 }, { 0, 0 } },
-    { { 0, 0 }, { 0, 0 } },
-    { { 0, 0 }, { 0, 0 } },
-#endif
-};
+#define CPA_BWD_ROW_(e, tag, name, feats, fallback) [e] = bwd_kernels_##tag,
+static const cpa_bwd_item_fn (*const cpa_bwd_table[CPA_ISA_COUNT])[2] = { CPA_ISAS(CPA_BWD_ROW_) };
 
 cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass, int isa)
 {
     if (isa < 0 || isa >= CPA_ISA_COUNT || (pass != CPA_BWD_KV && pass != CPA_BWD_Q))
         return 0;
+    /* a path without its own kernels (avx512bf16) takes its fallback's */
+    while (!cpa_bwd_table[isa][pass][a->f64 ? 1 : 0] && isa != CPA_ISA_SCALAR)
+        isa = cpa_isa_fallback(isa);
     return cpa_bwd_table[isa][pass][a->f64 ? 1 : 0];
 }

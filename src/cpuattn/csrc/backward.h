@@ -2,15 +2,11 @@
  * shared by dense, varlen and paged backward.
  *
  * A call is a list of sequences over arrays of one compute type (float32 or
- * float64: the facade converts float16/bfloat16). Element (b, t, h, :) of a
- * query-side array X (q, out, dout, dq) sits at
- *     X + b*X_s[0] + (q_start[b] + t)*X_s[1] + h*X_s[2]
- * and key row j of a key-side array (k, v, dk, dv) at
- *     X + b*X_s[0] + (k_start[b] + j)*X_s[1] + h*X_s[2]
- * (dense: starts 0, batch strides set; packed: batch strides 0, starts from
- * cu_seqlens). lse uses lse_s the same way (head stride in lse_s[2]). The last
- * axis of every array is contiguous. Sequence b's q_len[b] queries are its
- * last positions (bottom-right alignment).
+ * float64: the facade converts float16/bfloat16), laid out as in forward.h:
+ * sequence b's queries are rows q_start[b] + t of q, out, dout, dq, lse and
+ * di, its keys rows k_start[b] + j of k, v, dk and dv (cpa_rows, engine.h).
+ * Sequence b's q_len[b] queries are its last positions (bottom-right
+ * alignment).
  *
  * Two passes, each parallel over independent items and free of atomics:
  *   q pass:  item (sequence, kv head, query block) -> dQ (and Di) of its rows;
@@ -23,18 +19,17 @@
 #define CPUATTN_BACKWARD_H
 #include <stddef.h>
 #include <stdint.h>
+#include "engine.h"
 
 typedef struct {
-    const void *q, *k, *v, *out, *dout, *lse;
-    void *dq, *dk, *dv;
-    void *di;                       /* rowsum(dO * O), shaped like lse: the q pass
+    cpa_rows q, k, v, out, dout, lse;
+    cpa_rows dq, dk, dv;
+    cpa_rows di;                    /* rowsum(dO * O), laid out like lse: the q pass
                                        writes it, the kv pass reads it */
-    int64_t q_s[3], k_s[3], v_s[3], o_s[3], do_s[3], lse_s[3], di_s[3], dq_s[3], dk_s[3], dv_s[3];
     int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v;
     int32_t f64;                    /* 0: float32 compute and storage, 1: float64 */
     double scale, softcap;          /* softcap 0 = off */
-    int32_t causal;
-    int64_t window_left, window_right;   /* -1 = unbounded */
+    cpa_mask mask;
     int64_t num_seqs;
     const int64_t *q_start, *k_start, *q_len, *k_len;
 } cpa_bwd_args;

@@ -81,17 +81,17 @@ static int64_t TN(load_rows)(const cpa_bwd_args *a, int64_t b, int64_t kvh, int6
             continue;
         }
         const int64_t t = t0 + r / g, h = kvh * g + r % g;
-        w->qrow[r] = (const T *)a->q + b * a->q_s[0] + (qs + t) * a->q_s[1] + h * a->q_s[2];
-        w->dorow[r] = (const T *)a->dout + b * a->do_s[0] + (qs + t) * a->do_s[1] + h * a->do_s[2];
-        T *di = (T *)a->di + b * a->di_s[0] + (qs + t) * a->di_s[1] + h * a->di_s[2];
+        w->qrow[r] = (const T *)a->q.data + cpa_at(&a->q, b, (qs + t), h);
+        w->dorow[r] = (const T *)a->dout.data + cpa_at(&a->dout, b, (qs + t), h);
+        T *di = (T *)a->di.data + cpa_at(&a->di, b, (qs + t), h);
         if (store_di) {
-            const T *orow = (const T *)a->out + b * a->o_s[0] + (qs + t) * a->o_s[1] + h * a->o_s[2];
+            const T *orow = (const T *)a->out.data + cpa_at(&a->out, b, (qs + t), h);
             *di = TN(bdot)(w->dorow[r], orow, a->head_dim_v);
         }
         w->di[r] = *di;
-        T l = ((const T *)a->lse)[b * a->lse_s[0] + (qs + t) * a->lse_s[1] + h * a->lse_s[2]];
+        T l = ((const T *)a->lse.data)[cpa_at(&a->lse, b, qs + t, h)];
         int64_t lo, hi;
-        cpa_bwd_interval(a, nq, Sk, t, &lo, &hi);
+        cpa_visible_keys(&a->mask, nq, Sk, t, &lo, &hi);
         if (l == -INFINITY) {   /* the row saw no key: its gradients are 0 */
             lo = 1; hi = 0; l = 0;
         }
@@ -202,8 +202,8 @@ static void TN(kv_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scr
     memset(kt, 0, (size_t)(Dk * BK) * sizeof(T));
     memset(vt, 0, (size_t)(Dv * BK) * sizeof(T));
     for (int64_t i = 0; i < n; i++) {
-        const T *kr = (const T *)a->k + b * a->k_s[0] + (ks + j0 + i) * a->k_s[1] + kvh * a->k_s[2];
-        const T *vr = (const T *)a->v + b * a->v_s[0] + (ks + j0 + i) * a->v_s[1] + kvh * a->v_s[2];
+        const T *kr = (const T *)a->k.data + cpa_at(&a->k, b, (ks + j0 + i), kvh);
+        const T *vr = (const T *)a->v.data + cpa_at(&a->v, b, (ks + j0 + i), kvh);
         for (int64_t d = 0; d < Dk; d++) kt[d * BK + i] = kr[d];
         for (int64_t d = 0; d < Dv; d++) vt[d * BK + i] = vr[d];
     }
@@ -215,7 +215,7 @@ static void TN(kv_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scr
     int64_t ta = nq, tb = -1;
     for (int64_t t = 0; t < nq; t++) {
         int64_t lo, hi;
-        cpa_bwd_interval(a, nq, Sk, t, &lo, &hi);
+        cpa_visible_keys(&a->mask, nq, Sk, t, &lo, &hi);
         if (hi >= lo && lo <= j0 + n - 1 && hi >= j0) {
             if (t < ta) ta = t;
             tb = t;
@@ -236,8 +236,8 @@ static void TN(kv_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scr
 
     const T scale = (T)a->scale;
     for (int64_t i = 0; i < n; i++) {
-        T *dkr = (T *)a->dk + b * a->dk_s[0] + (ks + j0 + i) * a->dk_s[1] + kvh * a->dk_s[2];
-        T *dvr = (T *)a->dv + b * a->dv_s[0] + (ks + j0 + i) * a->dv_s[1] + kvh * a->dv_s[2];
+        T *dkr = (T *)a->dk.data + cpa_at(&a->dk, b, (ks + j0 + i), kvh);
+        T *dvr = (T *)a->dv.data + cpa_at(&a->dv, b, (ks + j0 + i), kvh);
         for (int64_t d = 0; d < Dk; d++) dkr[d] = scale * dkt[d * BK + i];
         for (int64_t d = 0; d < Dv; d++) dvr[d] = dvt[d * BK + i];
     }
@@ -284,8 +284,8 @@ static void TN(q_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scra
                 continue;
             }
             const int64_t j = ks + j0 + i;
-            w.krow[i] = (const T *)a->k + b * a->k_s[0] + j * a->k_s[1] + kvh * a->k_s[2];
-            w.vrow[i] = (const T *)a->v + b * a->v_s[0] + j * a->v_s[1] + kvh * a->v_s[2];
+            w.krow[i] = (const T *)a->k.data + cpa_at(&a->k, b, j, kvh);
+            w.vrow[i] = (const T *)a->v.data + cpa_at(&a->v, b, j, kvh);
             w.kuse[i] = w.krow[i];
             if ((j0 + i < ilo || j0 + i > ihi) && !TN(bfinite)(w.krow[i], Dk)) {
                 w.fix[nfix++] = i;
@@ -312,7 +312,7 @@ static void TN(q_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scra
     const int64_t qs = a->q_start[b];
     for (int64_t r = 0; r < M; r++) {
         const int64_t t = t0 + r / g, h = kvh * g + r % g;
-        T *dqr = (T *)a->dq + b * a->dq_s[0] + (qs + t) * a->dq_s[1] + h * a->dq_s[2];
+        T *dqr = (T *)a->dq.data + cpa_at(&a->dq, b, (qs + t), h);
         for (int64_t d = 0; d < Dk; d++) dqr[d] = scale * dqt[d * Mp + r];
     }
 }

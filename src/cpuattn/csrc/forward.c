@@ -7,16 +7,10 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include "engine.h"
 #include "forward.h"
 #include "half.h"
 #include "platform.h"
-
-#define CPA_CAT2_(a, b) a##_##b
-#define CPA_CAT2(a, b) CPA_CAT2_(a, b)
-#define CPA_CAT3_(a, b, c) a##_##b##_##c
-#define CPA_CAT3(a, b, c) CPA_CAT3_(a, b, c)
-#define CPA_CAT4_(a, b, c, d) a##_##b##_##c##_##d
-#define CPA_CAT4(a, b, c, d) CPA_CAT4_(a, b, c, d)
 
 /* Blocking constants. Shapes only, never thread counts. */
 #define CPA_BK 64            /* keys per tile */
@@ -25,17 +19,6 @@
 #define CPA_SPLIT 512        /* keys per split-KV chunk (multiple of CPA_BK) */
 #define CPA_DEC_MAX_M 8      /* query rows per kv head up to which the decode kernel is used */
 #define CPA_DEC_HEADS 8      /* kv heads per decode item: their rows of a token are adjacent */
-#define CPA_ALIGN 64
-
-/* KV storage kinds as preprocessor numbers (same values as enum cpa_dtype). */
-#define CPA_KIND_F32 0
-#define CPA_KIND_F64 1
-#define CPA_KIND_F16 2
-#define CPA_KIND_BF16 3
-
-static inline int64_t cpa_min(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t cpa_max(int64_t a, int64_t b) { return a > b ? a : b; }
-static inline int64_t cpa_roundup(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 static inline int64_t cpa_block_tokens(int64_t g) { return g >= CPA_MROWS ? 1 : CPA_MROWS / g; }
 static inline int cpa_use_decode(int64_t g, int64_t nq) { return g * nq <= CPA_DEC_MAX_M; }
@@ -56,20 +39,12 @@ static inline int64_t cpa_split_keys(const cpa_fwd_args *a, int decode)
     return decode ? CPA_SPLIT * (CPA_DEC_HEADS / cpa_dec_heads(a)) : CPA_SPLIT;
 }
 
-/* Keys query token t (of nq, against Sk keys) may see: [*lo, *hi], empty if
- * *hi < *lo. Bottom-right aligned: token t sits at position t + Sk - nq. */
-static inline void cpa_row_interval(const cpa_fwd_args *a, int64_t nq, int64_t Sk, int64_t t,
-                                    int64_t *lo, int64_t *hi)
+/* Element offset of sequence b's first key row in k or v (0 when paged:
+ * the block table locates every row). */
+static inline int64_t cpa_kv_seq(const cpa_fwd_args *a, const cpa_rows *x, int64_t b)
 {
-    const int64_t p = t + Sk - nq;
-    int64_t l = 0, h = Sk - 1;
-    if (a->window_left >= 0 && p - a->window_left > l) l = p - a->window_left;
-    if (a->causal && p < h) h = p;
-    if (a->window_right >= 0 && p + a->window_right < h) h = p + a->window_right;
-    *lo = l;
-    *hi = h;
+    return a->block_table ? 0 : x->seq * b + x->tok * a->k_start[b];
 }
-
 
 /* Addresses of key rows j0 .. j0+n-1 of sequence b: out[i] = base + element
  * offset * esize. Walks the page chain once instead of dividing per row. */
@@ -125,13 +100,6 @@ typedef struct {
     size_t qs, sc, o, m, l, krow, vrow, total;
     int64_t qstride, scstride;
 } cpa_decode_layout;
-
-static size_t cpa_take(size_t *at, size_t bytes)
-{
-    size_t off = *at;
-    *at += (bytes + CPA_ALIGN - 1) / CPA_ALIGN * CPA_ALIGN;
-    return off;
-}
 
 static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout *L)
 {
@@ -222,7 +190,7 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
             int64_t ulo = INT64_MAX, uhi = -1;
             for (int64_t t = qb * bq; t < cpa_min(nq, (qb + 1) * bq); t++) {
                 int64_t lo, hi;
-                cpa_row_interval(a, nq, Sk, t, &lo, &hi);
+                cpa_visible_keys(&a->mask, nq, Sk, t, &lo, &hi);
                 if (hi >= lo) {
                     ulo = cpa_min(ulo, lo);
                     uhi = cpa_max(uhi, hi);
@@ -279,139 +247,28 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #undef TTAG
 #define RN_CALL(x) CPA_CAT2(x, TTAG)
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPA_X86_DISPATCH 1
-#endif
-#define CPA_HAS_DPBF16 0   /* 1 only in the avx512bf16 region below */
-#define CPA_REGION_BF16_ONLY 0   /* likewise: that region compiles only the bf16 kernel */
+#define CPA_ISA_BODY "forward_isa.h"
+#include "isa_regions.h"
 
-/* ---- baseline (SSE2 on x86-64, NEON on aarch64) ---- */
-#define ISA_TAG base
-#define VBYTES 16
-#define MR 4
-#define NV 2
-#define CPA_HAS_F16C 0
-#include "isa_region.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#undef CPA_HAS_F16C
-
-#ifdef CPA_X86_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#define ISA_TAG avx2
-#define VBYTES 32
-#define MR 6
-#define NV 2
-#define CPA_HAS_F16C 1
-#include "isa_region.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#undef CPA_HAS_F16C
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
-#endif
-#define ISA_TAG avx512
-#define VBYTES 64
-#define MR 8
-#define NV 2
-#define CPA_HAS_F16C 1
-#include "isa_region.h"
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#undef CPA_HAS_F16C
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-/* avx512 plus vdpbf16ps: only the bfloat16 kernel differs (the tiled
- * kernel's Q K^T and P V run on bf16 pairs; the decode kernel is the same
- * source), the other dtypes reuse the avx512 items in the table. */
-#if CPA_HAVE_BF16_TARGET
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")
-#endif
-#define ISA_TAG avx512bf16
-#define VBYTES 64
-#define MR 8
-#define NV 2
-#define CPA_HAS_F16C 1
-#undef CPA_HAS_DPBF16
-#define CPA_HAS_DPBF16 1
-#undef CPA_REGION_BF16_ONLY
-#define CPA_REGION_BF16_ONLY 1
-#include "isa_region.h"
-#undef CPA_REGION_BF16_ONLY
-#define CPA_REGION_BF16_ONLY 0
-#undef ISA_TAG
-#undef VBYTES
-#undef MR
-#undef NV
-#undef CPA_HAS_F16C
-#undef CPA_HAS_DPBF16
-#define CPA_HAS_DPBF16 0
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#define CPA_BF16_ITEM item_avx512bf16_f32_bf16
-#else
-#define CPA_BF16_ITEM item_avx512_f32_bf16
-#endif
-#endif /* CPA_X86_DISPATCH */
-
-#define CPA_TABLE_ROW(isa) \
-    { item_##isa##_f32_f32, item_##isa##_f64_f64, item_##isa##_f32_f16, item_##isa##_f32_bf16 }
-
-static const cpa_fwd_item_fn cpa_fwd_table[CPA_ISA_COUNT][4] = {
-    CPA_TABLE_ROW(base),
-#ifdef CPA_X86_DISPATCH
-    CPA_TABLE_ROW(avx2),
-    CPA_TABLE_ROW(avx512),
-    { item_avx512_f32_f32, item_avx512_f64_f64, item_avx512_f32_f16, CPA_BF16_ITEM },
-#else
-    {0, 0, 0, 0},
-    {0, 0, 0, 0},
-    {0, 0, 0, 0},
-#endif
-};
+#define CPA_FWD_ROW_(e, tag, name, feats, fallback) [e] = fwd_kernels_##tag,
+static const cpa_fwd_item_fn *const cpa_fwd_table[CPA_ISA_COUNT] = { CPA_ISAS(CPA_FWD_ROW_) };
 
 cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
 {
-    if (isa < 0 || isa >= CPA_ISA_COUNT)
+    if (isa < 0 || isa >= CPA_ISA_COUNT || a->kv_dtype < 0 || a->kv_dtype >= CPA_DTYPE_COUNT)
         return 0;
     const int q64 = a->q_dtype == CPA_F64, kv64 = a->kv_dtype == CPA_F64;
     if (q64 != kv64)
         return 0;   /* float64 compute needs float64 everywhere */
     /* the bf16-pair Q K^T needs Q in bfloat16 too (rounding a float32 Q to
      * bf16 would lose precision the caller asked for) */
+#if CPA_HAVE_BF16_TARGET
     if (isa == CPA_ISA_AVX512BF16 && a->q_dtype != CPA_BF16)
-        isa = CPA_ISA_AVX512;
+        isa = cpa_isa_fallback(isa);
+#endif
+    /* a path without its own kernel for this dtype takes its fallback's */
+    while (!cpa_fwd_table[isa][a->kv_dtype] && isa != CPA_ISA_SCALAR)
+        isa = cpa_isa_fallback(isa);
     return cpa_fwd_table[isa][a->kv_dtype];
 }
 

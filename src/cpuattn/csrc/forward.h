@@ -1,11 +1,10 @@
 /* The forward attention engine shared by dense, varlen and paged attention.
  *
  * Every call is described as a list of sequences. Sequence b has q_len[b]
- * query tokens (its last q_len[b] positions) and k_len[b] keys; key row j of
- * KV head h lives at
- *     base + kv_off[b] + h*head_stride + page(j)*page_stride + (j % page_size)*tok_stride
- * where page(j) = block_table[b*bt_stride + j / page_size] for a paged cache,
- * and a dense cache is one "page" per sequence (no block table). The facade
+ * query tokens (its last q_len[b] positions) at rows q_start[b] + t of q,
+ * out and lse, and k_len[b] keys at rows k_start[b] + j of k and v (see
+ * cpa_rows in engine.h). With a block table, key j of sequence b is slot
+ * j % page_size of page block_table[b*bt_stride + j / page_size]. The facade
  * validates everything before the engine runs: the kernels trust their input.
  *
  * Work is split into items (sequence, kv heads, query block, kv split): the
@@ -19,26 +18,17 @@
 #define CPUATTN_FORWARD_H
 #include <stddef.h>
 #include <stdint.h>
-
-enum cpa_dtype { CPA_F32 = 0, CPA_F64 = 1, CPA_F16 = 2, CPA_BF16 = 3 };
+#include "engine.h"
 
 typedef struct {
-    const void *q, *k, *v;
-    void *out;
-    void *lse;                      /* float32, or float64 for float64 input; may be NULL */
-    int64_t q_tok, q_head;          /* element strides */
-    int64_t o_tok, o_head;
-    int64_t k_tok, k_head, k_page;
-    int64_t v_tok, v_head, v_page;
-    int64_t lse_head, lse_tok;
+    cpa_rows q, k, v, out;
+    cpa_rows lse;                   /* float32, or float64 for float64 input; data may be NULL */
     int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v;
-    int32_t q_dtype, kv_dtype;
+    int32_t q_dtype, kv_dtype;      /* enum cpa_dtype (engine.h) */
     double scale, softcap;          /* softcap 0 = off */
-    int32_t causal;
-    int64_t window_left, window_right;   /* -1 = unbounded */
+    cpa_mask mask;
     int64_t num_seqs;
-    const int64_t *q_off, *o_off, *lse_off, *k_off, *v_off;   /* per sequence */
-    const int64_t *q_len, *k_len;
+    const int64_t *q_start, *k_start, *q_len, *k_len;   /* per sequence */
     const int32_t *block_table;     /* NULL: dense */
     int64_t bt_stride, page_size;
 } cpa_fwd_args;

@@ -74,8 +74,8 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     const int64_t t0 = (int64_t)it->qblock * bq, nt = cpa_min(bq, nq - t0);
     const int64_t M = nt * g, Mp = cpa_roundup(M, NVL);
     const int64_t Dk = a->head_dim_qk, Dv = a->head_dim_v;
-    const KS *kbase = (const KS *)a->k + a->k_off[b] + kvh * a->k_head;
-    const KS *vbase = (const KS *)a->v + a->v_off[b] + kvh * a->v_head;
+    const KS *kbase = (const KS *)a->k.data + cpa_kv_seq(a, &a->k, b) + kvh * a->k.head;
+    const KS *vbase = (const KS *)a->v.data + cpa_kv_seq(a, &a->v, b) + kvh * a->v.head;
 
     cpa_tiled_layout L;
     cpa_tiled_plan(a, sizeof(T), &L);
@@ -98,13 +98,13 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             int64_t t = t0 + r / g, head = kvh * g + r % g, rl, rh;
 #if CPA_HAS_DPBF16
             /* bf16 Q as (d, d+1) pairs, unscaled (mk_rows_bf16 scales) */
-            const uint16_t *qr = (const uint16_t *)a->q + a->q_off[b] + t * a->q_tok + head * a->q_head;
+            const uint16_t *qr = (const uint16_t *)a->q.data + cpa_at(&a->q, b, a->q_start[b] + t, head);
             for (int64_t d = 0; d < Dk; d += 2)
                 QP[d / 2 * Mp + r] = qr[d] | (d + 1 < Dk ? (uint32_t)qr[d + 1] << 16 : 0);
 #else
-            RN_CALL(load_q_row)(a, a->q_off[b] + t * a->q_tok + head * a->q_head, QT + r, Mp, (T)a->scale);
+            RN_CALL(load_q_row)(a, cpa_at(&a->q, b, a->q_start[b] + t, head), QT + r, Mp, (T)a->scale);
 #endif
-            cpa_row_interval(a, nq, Sk, t, &rl, &rh);
+            cpa_visible_keys(&a->mask, nq, Sk, t, &rl, &rh);
             lo[r] = (TN(ielem))rl; hi[r] = (TN(ielem))rh;
             if (rl > ilo) ilo = rl;
             if (rh < ihi) ihi = rh;
@@ -123,8 +123,8 @@ static void FN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     for (int64_t j0 = it->key_lo - it->key_lo % CPA_BK; j0 <= it->key_hi; j0 += CPA_BK) {
         const int64_t jhi = cpa_min(j0 + CPA_BK - 1, it->key_hi), n = jhi - j0 + 1;
         const int full = (j0 >= ilo && jhi <= ihi);
-        cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k_tok, a->k_page, j0, n, (const void **)kraw);
-        cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v_tok, a->v_page, j0, n, (const void **)vraw);
+        cpa_kv_rows(a, b, (const char *)kbase, sizeof(KS), a->k.tok, a->k.seq, j0, n, (const void **)kraw);
+        cpa_kv_rows(a, b, (const char *)vbase, sizeof(KS), a->v.tok, a->v.seq, j0, n, (const void **)vraw);
         for (int64_t i = 0; i < n; i++) {
 #if CPA_HAS_DPBF16
             /* K stays bf16; an odd row gets a 0 pad so its last pair is not
@@ -433,7 +433,7 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     const int64_t nq = a->q_len[b], Sk = a->k_len[b];
     const int64_t g = a->num_heads / a->num_kv_heads, M = g * nq, R = nh * M;
     const int64_t Dk = a->head_dim_qk, Dv = a->head_dim_v;
-    const int64_t kh = a->k_head, vh = a->v_head;
+    const int64_t kh = a->k.head, vh = a->v.head;
 
     cpa_decode_layout L;
     cpa_decode_plan(a, sizeof(T), &L);
@@ -445,23 +445,23 @@ static void FN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     /* keys row r sees (the same for every head), and those every row sees */
     int64_t lo[CPA_DEC_MAX_M], hi[CPA_DEC_MAX_M], ilo = 0, ihi = Sk - 1;
     for (int64_t r = 0; r < M; r++) {
-        cpa_row_interval(a, nq, Sk, r / g, &lo[r], &hi[r]);
+        cpa_visible_keys(&a->mask, nq, Sk, r / g, &lo[r], &hi[r]);
         if (lo[r] > ilo) ilo = lo[r];
         if (hi[r] < ihi) ihi = hi[r];
     }
     for (int64_t hh = 0; hh < nh; hh++)
         for (int64_t r = 0; r < M; r++) {
             T *qr = qs + (hh * M + r) * qst;
-            RN_CALL(load_q_row)(a, a->q_off[b] + (r / g) * a->q_tok + ((kvh0 + hh) * g + r % g) * a->q_head,
+            RN_CALL(load_q_row)(a, cpa_at(&a->q, b, a->q_start[b] + r / g, (kvh0 + hh) * g + r % g),
                                 qr, 1, (T)a->scale);
             if (DEC_PAIRED) FN(pairs_order)(qr, Dk, 1);
         }
 
     const int64_t k0 = it->key_lo, n = cpa_max(it->key_hi - it->key_lo + 1, 0);
-    cpa_kv_rows(a, b, (const char *)((const KS *)a->k + a->k_off[b] + kvh0 * kh), sizeof(KS),
-                a->k_tok, a->k_page, k0, n, (const void **)krow);
-    cpa_kv_rows(a, b, (const char *)((const KS *)a->v + a->v_off[b] + kvh0 * vh), sizeof(KS),
-                a->v_tok, a->v_page, k0, n, (const void **)vrow);
+    cpa_kv_rows(a, b, (const char *)((const KS *)a->k.data + cpa_kv_seq(a, &a->k, b) + kvh0 * kh), sizeof(KS),
+                a->k.tok, a->k.seq, k0, n, (const void **)krow);
+    cpa_kv_rows(a, b, (const char *)((const KS *)a->v.data + cpa_kv_seq(a, &a->v, b) + kvh0 * vh), sizeof(KS),
+                a->v.tok, a->v.seq, k0, n, (const void **)vrow);
 
     const int64_t kahead = cpa_prefetch_distance(nh * Dk * (int64_t)sizeof(KS));
     const int64_t vahead = cpa_prefetch_distance(nh * Dv * (int64_t)sizeof(KS));

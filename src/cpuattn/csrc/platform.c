@@ -1,11 +1,11 @@
 #include "platform.h"
+#include "engine.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPA_X86 1
+#if CPA_X86
 #include <cpuid.h>
 
 static unsigned long long xgetbv0(void)
@@ -16,57 +16,86 @@ static unsigned long long xgetbv0(void)
 }
 #endif
 
-int cpa_isa_best(void)
+int cpa_cpu_features(void)
 {
-#ifdef CPA_X86
+    int f = 0;
+#if CPA_X86
     unsigned int a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d))
-        return CPA_ISA_SCALAR;
+        return 0;
     int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
     if (!(osxsave && avx && fma && f16c))
-        return CPA_ISA_SCALAR;
+        return 0;
     /* The OS must save the YMM (and for AVX-512 the opmask/ZMM) state, or
      * using those registers faults even though CPUID lists them. */
     unsigned long long xcr0 = xgetbv0();
-    if ((xcr0 & 0x6) != 0x6)
-        return CPA_ISA_SCALAR;
-    if (__get_cpuid_max(0, 0) < 7)
-        return CPA_ISA_SCALAR;
+    if ((xcr0 & 0x6) != 0x6 || __get_cpuid_max(0, 0) < 7)
+        return 0;
     __cpuid_count(7, 0, a, b, c, d);
     unsigned int max_subleaf = a;
-    int avx2 = (b >> 5) & 1;
+    if ((b >> 5) & 1)
+        f |= CPA_FEAT_AVX2;
     int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1,
         avx512vl = (b >> 31) & 1;
-    if (!avx2)
-        return CPA_ISA_SCALAR;
-    if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6) {
-        /* leaf 7 sub-leaf 1, EAX bit 5: AVX512_BF16 (no extra OS state) */
-        if (max_subleaf >= 1) {
-            __cpuid_count(7, 1, a, b, c, d);
-            if (CPA_HAVE_BF16_TARGET && ((a >> 5) & 1))
-                return CPA_ISA_AVX512BF16;
-        }
-        return CPA_ISA_AVX512;
+    if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6)
+        f |= CPA_FEAT_AVX512;
+    /* leaf 7 sub-leaf 1, EAX bit 5: AVX512_BF16 (no extra OS state) */
+    if (max_subleaf >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        if ((a >> 5) & 1)
+            f |= CPA_FEAT_AVX512BF16;
     }
-    return CPA_ISA_AVX2;
-#else
-    return CPA_ISA_SCALAR;
 #endif
+    return f;
+}
+
+#define CPA_ISA_FEATS_(e, tag, name, feats, fallback) feats,
+static const int cpa_isa_needs[CPA_ISA_COUNT] = { CPA_ISAS(CPA_ISA_FEATS_) };
+#define CPA_ISA_NAME_(e, tag, name, feats, fallback) name,
+static const char *const cpa_isa_names[CPA_ISA_COUNT] = { CPA_ISAS(CPA_ISA_NAME_) };
+#define CPA_ISA_FALLBACK_(e, tag, name, feats, fallback) fallback,
+static const int cpa_isa_fallbacks[CPA_ISA_COUNT] = { CPA_ISAS(CPA_ISA_FALLBACK_) };
+
+int cpa_isa_supported(int isa)
+{
+    if (isa < 0 || isa >= CPA_ISA_COUNT)
+        return 0;
+    const int need = cpa_isa_needs[isa];
+    return (cpa_cpu_features() & need) == need;
+}
+
+int cpa_isa_best(void)
+{
+    int best = CPA_ISA_SCALAR;
+    for (int i = 0; i < CPA_ISA_COUNT; i++)
+        if (cpa_isa_supported(i))
+            best = i;
+    return best;
+}
+
+int cpa_isa_fallback(int isa)
+{
+    return (isa < 0 || isa >= CPA_ISA_COUNT) ? CPA_ISA_SCALAR : cpa_isa_fallbacks[isa];
 }
 
 const char *cpa_isa_name(int isa)
 {
-    switch (isa) {
-    case CPA_ISA_AVX2: return "avx2";
-    case CPA_ISA_AVX512: return "avx512";
-    case CPA_ISA_AVX512BF16: return "avx512bf16";
-    default:
-#if defined(__aarch64__)
-        return "scalar";  /* 128-bit vectors: NEON through the compiler */
-#else
-        return "scalar";
-#endif
-    }
+    return (isa < 0 || isa >= CPA_ISA_COUNT) ? 0 : cpa_isa_names[isa];
+}
+
+#define CPA_DTYPE_NAME_(e, code, name, size) [code] = name,
+static const char *const cpa_dtype_names[CPA_DTYPE_COUNT] = { CPA_DTYPES(CPA_DTYPE_NAME_) };
+#define CPA_DTYPE_SIZE_(e, code, name, size) [code] = size,
+static const int cpa_dtype_sizes[CPA_DTYPE_COUNT] = { CPA_DTYPES(CPA_DTYPE_SIZE_) };
+
+const char *cpa_dtype_name(int code)
+{
+    return (code < 0 || code >= CPA_DTYPE_COUNT) ? 0 : cpa_dtype_names[code];
+}
+
+int cpa_dtype_size(int code)
+{
+    return (code < 0 || code >= CPA_DTYPE_COUNT) ? 0 : cpa_dtype_sizes[code];
 }
 
 int cpa_openmp_enabled(void)

@@ -10,22 +10,22 @@ static void RN(load_q_row)(const cpa_fwd_args *a, int64_t off, T *dst, int64_t d
     const int64_t D = a->head_dim_qk;
     switch (a->q_dtype) {
     case CPA_F32: {
-        const float *p = (const float *)a->q + off;
+        const float *p = (const float *)a->q.data + off;
         for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)p[d];
         break;
     }
     case CPA_F64: {
-        const double *p = (const double *)a->q + off;
+        const double *p = (const double *)a->q.data + off;
         for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)p[d];
         break;
     }
     case CPA_F16: {
-        const uint16_t *p = (const uint16_t *)a->q + off;
+        const uint16_t *p = (const uint16_t *)a->q.data + off;
         for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)cpa_f16_to_f32(p[d]);
         break;
     }
     default: {
-        const uint16_t *p = (const uint16_t *)a->q + off;
+        const uint16_t *p = (const uint16_t *)a->q.data + off;
         for (int64_t d = 0; d < D; d++) dst[d * dstride] = scale * (T)cpa_bf16_to_f32(p[d]);
         break;
     }
@@ -39,12 +39,12 @@ static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t h
                           const T *o, int64_t ostride, T m, T l)
 {
     const int64_t D = a->head_dim_v;
-    const int64_t off = a->o_off[b] + t * a->o_tok + head * a->o_head;
+    const int64_t off = cpa_at(&a->out, b, a->q_start[b] + t, head);
     const int empty = (l == 0);
     /* one loop per output dtype, so that each loop vectorises */
 #define CPA_STORE(type, conv)                                                   \
     do {                                                                        \
-        type *dst = (type *)a->out + off;                                       \
+        type *dst = (type *)a->out.data + off;                                       \
         if (empty)                                                              \
             for (int64_t d = 0; d < D; d++) dst[d] = conv((T)0);               \
         else                                                                    \
@@ -65,11 +65,11 @@ static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t h
 #undef CPA_AS_F64
 #undef CPA_AS_F16
 #undef CPA_AS_BF16
-    if (a->lse) {
+    if (a->lse.data) {
         T lse = empty ? (T)-INFINITY : m + (T)log((double)l);
-        int64_t lo = a->lse_off[b] + head * a->lse_head + t * a->lse_tok;
-        if (a->q_dtype == CPA_F64) ((double *)a->lse)[lo] = (double)lse;
-        else ((float *)a->lse)[lo] = (float)lse;
+        int64_t lo = cpa_at(&a->lse, b, a->q_start[b] + t, head);
+        if (a->q_dtype == CPA_F64) ((double *)a->lse.data)[lo] = (double)lse;
+        else ((float *)a->lse.data)[lo] = (float)lse;
     }
 }
 

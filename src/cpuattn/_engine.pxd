@@ -1,0 +1,117 @@
+# The engine's C interface (csrc/engine.h, forward.h, backward.h,
+# platform.h), declared once for every Cython module that drives it.
+from libc.stdint cimport int32_t, int64_t
+cimport numpy as cnp
+
+cdef extern from "engine.h" nogil:
+    enum cpa_dtype:
+        CPA_F32
+        CPA_F64
+        CPA_F16
+        CPA_BF16
+        CPA_DTYPE_COUNT
+    const char *cpa_dtype_name(int code)
+    int cpa_dtype_size(int code)
+    ctypedef struct cpa_mask:
+        int32_t causal
+        int64_t window_left, window_right
+    ctypedef struct cpa_rows:
+        void *data
+        int64_t seq, tok, head
+
+cdef extern from "platform.h" nogil:
+    int CPA_ISA_COUNT
+    int cpa_isa_supported(int isa)
+    int cpa_isa_best()
+    const char *cpa_isa_name(int isa)
+    int cpa_openmp_enabled()
+    int cpa_omp_max_threads()
+
+cdef extern from "forward.h" nogil:
+    ctypedef struct cpa_fwd_args:
+        cpa_rows q, k, v, out, lse
+        int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
+        int32_t q_dtype, kv_dtype
+        double scale, softcap
+        cpa_mask mask
+        int64_t num_seqs
+        const int64_t *q_start
+        const int64_t *k_start
+        const int64_t *q_len
+        const int64_t *k_len
+        const int32_t *block_table
+        int64_t bt_stride, page_size
+    ctypedef struct cpa_fwd_item:
+        int64_t seq, slot
+        int32_t kvh, nkvh, qblock
+        int64_t key_lo, key_hi
+    ctypedef struct cpa_fwd_merge:
+        int64_t seq, slot0
+        int32_t kvh, nkvh, nsplit
+    ctypedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *, char *) noexcept nogil
+    int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
+                         int64_t *n_merges, int64_t *n_slots)
+    int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
+    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
+    size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
+    cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
+    void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
+                           char *scratch)
+
+cdef extern from "backward.h" nogil:
+    ctypedef struct cpa_bwd_args:
+        cpa_rows q, k, v, out, dout, lse, dq, dk, dv, di
+        int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
+        int32_t f64
+        double scale, softcap
+        cpa_mask mask
+        int64_t num_seqs
+        const int64_t *q_start
+        const int64_t *k_start
+        const int64_t *q_len
+        const int64_t *k_len
+    ctypedef struct cpa_bwd_item:
+        int64_t seq
+        int32_t kvh, block
+    int CPA_BWD_KV, CPA_BWD_Q
+    ctypedef void (*cpa_bwd_item_fn)(const cpa_bwd_args *, const cpa_bwd_item *, char *) noexcept nogil
+    int64_t cpa_bwd_plan(const cpa_bwd_args *a, int pass_, cpa_bwd_item *items)
+    size_t cpa_bwd_scratch_bytes(const cpa_bwd_args *a)
+    cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass_, int isa)
+
+
+
+cdef inline const int64_t *i64(cnp.ndarray a) noexcept:
+    """Data of a contiguous int64 array."""
+    return <const int64_t *>cnp.PyArray_DATA(a)
+
+
+cdef inline cpa_rows rows_of(object x, tuple axes):
+    """The cpa_rows of array x (None: no array) whose (sequence, token, head)
+    axes are `axes`, -1 for an axis it does not have."""
+    cdef cpa_rows r
+    r.data = NULL
+    r.seq = r.tok = r.head = 0
+    if x is None:
+        return r
+    cdef cnp.ndarray a = x
+    cdef int64_t isz = cnp.PyArray_ITEMSIZE(a)
+    cdef int i, ax
+    r.data = cnp.PyArray_DATA(a)
+    for i in range(3):
+        ax = axes[i]
+        if ax >= 0:
+            if i == 0:
+                r.seq = cnp.PyArray_STRIDES(a)[ax] // isz
+            elif i == 1:
+                r.tok = cnp.PyArray_STRIDES(a)[ax] // isz
+            else:
+                r.head = cnp.PyArray_STRIDES(a)[ax] // isz
+    return r
+
+
+cdef inline void set_mask(cpa_mask *m, opts):
+    """From the facade's Options (see _validate.check_options)."""
+    m.causal = opts.causal
+    m.window_left = opts.window_left
+    m.window_right = opts.window_right
