@@ -4,7 +4,14 @@ Layouts are token-major (flash-attn style); see the README and each
 function's docstring. Integrations (``cpuattn.torch``,
 ``cpuattn.integrations.hf``) are imported on demand only.
 """
-from . import _threads
+from . import _ompenv
+
+_undo = _ompenv.before_load()
+try:
+    from . import _threads   # loads libgomp: it reads GOMP_SPINCOUNT now
+finally:
+    _undo()
+    del _undo
 from .backward import attention_backward, attention_varlen_backward, paged_attention_backward
 from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
@@ -34,6 +41,8 @@ def info():
         "num_threads": get_num_threads(),
         "usable_cpus": _threads.usable_cpus(),
         "forked_serial": _threads.forked_serial(),
+        # process-wide for cpuattn's libgomp copy: see the README, Threads
+        "omp_spin": dict(_ompenv.state),
     }
 
 
