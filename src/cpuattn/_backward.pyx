@@ -21,18 +21,17 @@ from ._threads cimport current_isa, team_size
 cnp.import_array()
 
 
-def backward(cnp.ndarray dout, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
-             cnp.ndarray out, cnp.ndarray lse, cnp.ndarray di,
-             cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv, *, str layout, seqs, opts):
-    """Gradients of attention over validated arrays (see backward.h).
+def backward(call, cnp.ndarray out, cnp.ndarray dout, cnp.ndarray lse, cnp.ndarray di,
+             cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv):
+    """Gradients of a checked call (``_validate.Call``, layout "dense" or
+    "packed") whose arrays and out, dout, lse share one compute dtype
+    (float32 or float64); see backward.h.
 
-    di: scratch shaped like lse (receives rowsum(dout * out)).
-    layout: "dense" or "packed", as for the forward (_forward.LAYOUTS).
-    seqs: Sequences (q_start, k_start, q_len, k_len), contiguous int64.
-    opts: Options of the forward call.
-    All arrays share one dtype, float32 or float64. Writes dq, dk and dv in full.
+    di: scratch shaped like lse (receives rowsum(dout * out)). Writes dq, dk
+    and dv (shaped like call.q, call.k, call.v) in full.
     """
-    q_axes, kv_axes, lse_axes = LAYOUTS[layout]
+    q_axes, kv_axes, lse_axes = LAYOUTS[call.layout]
+    cdef cnp.ndarray q = call.q, k = call.k, v = call.v
     cdef cpa_bwd_args a
     memset(&a, 0, sizeof(a))
     a.q = rows_of(q, q_axes)
@@ -45,14 +44,16 @@ def backward(cnp.ndarray dout, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
     a.dv = rows_of(dv, kv_axes)
     a.lse = rows_of(lse, lse_axes)
     a.di = rows_of(di, lse_axes)
-    a.num_heads = q.shape[q.ndim - 2]
-    a.num_kv_heads = k.shape[k.ndim - 2]
-    a.head_dim_qk = q.shape[q.ndim - 1]
-    a.head_dim_v = v.shape[v.ndim - 1]
+    a.num_heads = call.heads
+    a.num_kv_heads = call.kv_heads
+    a.head_dim_qk = call.head_dim
+    a.head_dim_v = call.head_dim_v
     a.f64 = q.dtype.itemsize == 8
+    opts = call.opts
     a.scale = opts.scale
     a.softcap = opts.softcap
     set_mask(&a.mask, opts)
+    seqs = call.seqs
     a.num_seqs = seqs.q_len.shape[0]
     a.q_start = i64(seqs.q_start)
     a.k_start = i64(seqs.k_start)

@@ -45,15 +45,11 @@ LAYOUTS = {
 }
 
 
-def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, lse, *,
-            str layout, seqs, opts, block_table=None):
-    """Run attention over validated arrays (see forward.h for the layout).
-
-    layout: a key of LAYOUTS. seqs: Sequences of contiguous int64 arrays
-    (q_start, k_start, q_len, k_len). opts: Options (scale, window, softcap,
-    causal). block_table: contiguous int32 (batch, width), for "paged" only.
-    """
-    q_axes, kv_axes, lse_axes = LAYOUTS[layout]
+def forward(call, cnp.ndarray out, lse):
+    """Run a checked call (``_validate.Call``) into out (and lse, or None),
+    allocated by ``_validate.outputs``; see forward.h for the layout."""
+    q_axes, kv_axes, lse_axes = LAYOUTS[call.layout]
+    cdef cnp.ndarray q = call.q, k = call.k, v = call.v
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
     a.q = rows_of(q, q_axes)
@@ -61,23 +57,27 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, lse, *
     a.k = rows_of(k, kv_axes)
     a.v = rows_of(v, kv_axes)
     a.lse = rows_of(lse, lse_axes)
-    a.num_heads = q.shape[q.ndim - 2]
-    a.num_kv_heads = k.shape[k.ndim - 2]
-    a.head_dim_qk = q.shape[q.ndim - 1]
-    a.head_dim_v = v.shape[v.ndim - 1]
+    a.num_heads = call.heads
+    a.num_kv_heads = call.kv_heads
+    a.head_dim_qk = call.head_dim
+    a.head_dim_v = call.head_dim_v
     a.q_dtype = _float_code(q)
     a.kv_dtype = _float_code(k)
+    opts = call.opts
     a.scale = opts.scale
     a.softcap = opts.softcap
     set_mask(&a.mask, opts)
+    seqs = call.seqs
     a.num_seqs = seqs.q_len.shape[0]
     a.q_start = i64(seqs.q_start)
     a.k_start = i64(seqs.k_start)
     a.q_len = i64(seqs.q_len)
     a.k_len = i64(seqs.k_len)
-    if block_table is not None:
-        a.block_table = <const int32_t *>cnp.PyArray_DATA(<cnp.ndarray>block_table)
-        a.bt_stride = (<cnp.ndarray>block_table).shape[1]
+    cdef cnp.ndarray bt
+    if call.block_table is not None:
+        bt = call.block_table
+        a.block_table = <const int32_t *>cnp.PyArray_DATA(bt)
+        a.bt_stride = bt.shape[1]
         a.page_size = k.shape[1]
     run(&a)
 

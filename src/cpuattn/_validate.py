@@ -1,8 +1,13 @@
-"""Argument checks shared by every public function.
+"""Argument checks of every public call: the one layer that validates.
 
-All validation happens here, in Python, before any kernel runs: the kernels
-trust what they get. Errors name the argument, what was expected and what
-was received.
+All validation happens here, before any kernel runs: the kernels trust what
+they get. Each call form (dense, packed, paged, and their backward) turns its
+arguments into a checked :class:`Call` (arrays, layout, sequences, options)
+that the engine drivers (``_forward.forward``, ``_backward.backward``) run
+as is. Errors name the argument, what was expected and what was received.
+The one exception is the plain-decode fast path in ``_forward.paged_decode``,
+which accepts a strict subset of inputs checked in C and hands everything
+else (including every invalid input) back to the checks here.
 """
 import math
 import numbers
@@ -10,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._forward import DTYPES
-from .errors import DTypeError, ShapeError
+from ._forward import DTYPES, check_chains, kernel_available
+from .errors import DTypeError, PageError, ShapeError
 
 # the engine's storage dtypes (csrc/engine.h), by numpy name
 DTYPE_NAMES = tuple(name for name, _, _ in DTYPES)
@@ -36,6 +41,23 @@ class Sequences(NamedTuple):
     k_start: np.ndarray
     q_len: np.ndarray
     k_len: np.ndarray
+
+
+class Call(NamedTuple):
+    """A checked call, as the engine runs it: q, k, v (pages for "paged"),
+    the layout (a key of ``_forward.LAYOUTS``), the sequences, the options,
+    the int32 block table ("paged" only) and the head counts and dims."""
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    layout: str
+    seqs: Sequences
+    opts: Options
+    block_table: "np.ndarray | None"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    head_dim_v: int
 
 
 def compute_dtype(dtype):
@@ -192,3 +214,228 @@ def prepare_outputs(out, shape, q, inputs, return_lse, lse_shape):
     if return_lse:
         lse = np.empty(lse_shape, dtype=compute_dtype(q.dtype))
     return out, lse
+
+
+# ---- the call forms ----
+
+def _same_dtype(q, k, v):
+    code = dtype_code(q, "q")
+    for name, a in (("k", k), ("v", v)):
+        dtype_code(a, name)
+        if a.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected the dtype of q ({q.dtype}), got {a.dtype}")
+    if not kernel_available(code, code):
+        raise DTypeError(f"q: no kernel for dtype {q.dtype}")
+
+
+def _head_dims(q, k, v, heads_axis, kname="k", vname="v"):
+    """(H, Hkv, Dqk, Dv) after the head-count and head-dim checks."""
+    h, d = q.shape[heads_axis], q.shape[-1]
+    hkv, dk = k.shape[-2], k.shape[-1]
+    if v.shape[-2] != hkv:
+        raise ShapeError(f"{vname}: expected num_kv_heads {hkv} (as {kname}), got {v.shape[-2]}")
+    if dk != d:
+        raise ShapeError(f"{kname}: expected head_dim {d} (as q), got {dk}")
+    if d < 1 or v.shape[-1] < 1:
+        raise ShapeError(f"q/{vname}: head_dim must be >= 1, got {d} and {v.shape[-1]}")
+    check_heads(h, hkv)
+    return h, hkv, d, v.shape[-1]
+
+
+def dense_call(q, k, v, causal, scale, window, softcap):
+    """The Call of the dense API: q (B, Sq, H, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
+    q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
+    check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
+    check_ndim(k, "k", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    check_ndim(v, "v", 4, "(batch, seq_k, num_kv_heads, head_dim)")
+    _same_dtype(q, k, v)
+    b, sq = q.shape[:2]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ShapeError(f"k/v: expected batch {b} (as q), got {k.shape[0]} and {v.shape[0]}")
+    sk = k.shape[1]
+    if v.shape[1] != sk:
+        raise ShapeError(f"v: expected seq_k {sk} (as k), got {v.shape[1]}")
+    dims = _head_dims(q, k, v, 2)
+    for name, n in (("seq_q", sq), ("seq_k", sk)):
+        if n > INDEX_MAX:
+            raise ShapeError(f"{name}: at most {INDEX_MAX}, got {n}")
+    zeros = np.zeros(b, dtype=np.int64)
+    seqs = Sequences(zeros, zeros, np.full(b, sq, dtype=np.int64),
+                     np.full(b, sk, dtype=np.int64))
+    opts = check_options(scale, window, softcap, causal, dims[2])
+    return Call(q, k, v, "dense", seqs, opts, None, *dims)
+
+
+def packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap):
+    """The Call of the packed (varlen) API: q (Tq, H, D), k (Tk, Hkv, D),
+    v (Tk, Hkv, Dv) and both cu_seqlens of one batch size."""
+    q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
+    check_ndim(q, "q", 3, "(total_q, num_heads, head_dim)")
+    check_ndim(k, "k", 3, "(total_k, num_kv_heads, head_dim)")
+    check_ndim(v, "v", 3, "(total_k, num_kv_heads, head_dim)")
+    _same_dtype(q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ShapeError(f"v: expected total_k {k.shape[0]} (as k), got {v.shape[0]}")
+    dims = _head_dims(q, k, v, 1)
+    cuq = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    cuk = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if cuq.shape != cuk.shape:
+        raise ShapeError(f"cu_seqlens_k: expected shape {cuq.shape} (as cu_seqlens_q), "
+                         f"got {cuk.shape}")
+    opts = check_options(scale, window, softcap, causal, dims[2])
+    seqs = Sequences(cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
+    return Call(q, k, v, "packed", seqs, opts, None, *dims)
+
+
+def pages(k_pages, v_pages):
+    """Validated page arrays (num_pages, page_size, Hkv, D) of one dtype."""
+    k_pages, v_pages = as_array(k_pages, "k_pages"), as_array(v_pages, "v_pages")
+    check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    check_ndim(v_pages, "v_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    dtype_code(k_pages, "k_pages")
+    if v_pages.dtype != k_pages.dtype:
+        raise DTypeError(f"v_pages: expected the dtype of k_pages ({k_pages.dtype}), "
+                         f"got {v_pages.dtype}")
+    if v_pages.shape[:3] != k_pages.shape[:3]:
+        raise ShapeError(f"v_pages: expected (num_pages, page_size, num_kv_heads) "
+                         f"{k_pages.shape[:3]} (as k_pages), got {v_pages.shape[:3]}")
+    check_page_size(k_pages, "k_pages")
+    return k_pages, v_pages
+
+
+def check_page_size(pages, name):
+    if pages.shape[1] < 1:
+        raise ShapeError(f"{name}: page_size must be >= 1, got {pages.shape[1]}")
+
+
+def block_table(table, seq_lens, num_pages, page_size):
+    """Validated (block_table int32 (B, W) C-contiguous, seq_lens int64 (B,)).
+
+    Raises ShapeError for malformed arrays or lengths beyond the table, and
+    PageError for a used entry outside [0, num_pages). Entries past a
+    sequence's pages are never read, so they may hold anything (e.g. -1)."""
+    bt = table if isinstance(table, np.ndarray) else np.asarray(table)
+    if bt.dtype != np.int32 and bt.dtype != np.int64:
+        if bt.dtype.kind not in "iu":
+            raise DTypeError(f"block_table: expected an integer dtype (int32), got {bt.dtype}")
+        bt = bt.astype(np.int64)
+    if bt.ndim != 2:
+        raise ShapeError(f"block_table: expected shape (batch, max_pages_per_seq), got {bt.shape}")
+    lens = check_index_array(seq_lens, "seq_lens", 1, bt.shape[0])
+    if lens.size:
+        if lens.min() < 0:
+            b = int(np.argmin(lens))
+            raise ShapeError(f"seq_lens: expected lengths >= 0, got {lens[b]} for sequence {b}")
+        width = bt.shape[1]
+        if int(lens.max()) > width * page_size:
+            b = int(np.argmax(lens))
+            raise ShapeError(f"seq_lens: sequence {b} has length {lens[b]}, which needs "
+                             f"{(lens[b] + page_size - 1) // page_size} pages, but block_table "
+                             f"has {width} columns")
+    bad = check_chains(bt, lens, num_pages, page_size)
+    if bad is not None:
+        raise PageError(f"block_table[{bad[0]}, {bad[1]}]: expected a page id in "
+                        f"[0, {num_pages}), got {bt[bad]}")
+    if bt.dtype != np.int32 or not bt.flags.c_contiguous:
+        # unused entries may not fit int32: zero them, they are never read
+        used = np.arange(bt.shape[1])[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+        bt = np.where(used, bt, 0).astype(np.int32)
+    return bt, lens
+
+
+def _paged_queries(q, cu_seqlens_q, lens):
+    """cu_seqlens_q (int64) of a 3-D q over sequences of lengths lens.
+
+    Without cu_seqlens_q, one query per sequence (decode); with it, each
+    sequence's queries are its last positions, so there may be at most
+    seq_lens[b] of them."""
+    batch = lens.shape[0]
+    if cu_seqlens_q is None:
+        if q.shape[0] != batch:
+            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {q.shape[1]}, "
+                             f"{q.shape[2]}), got {q.shape}")
+        return np.arange(batch + 1, dtype=np.int64)
+    cuq = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    if cuq.shape[0] != batch + 1:
+        raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
+                         f"sequences, got {cuq.shape}")
+    nq = np.diff(cuq)
+    if np.any(nq > lens):
+        b = int(np.argmax(nq > lens))
+        raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but seq_lens[{b}] "
+                         f"is {lens[b]} (its queries are its last positions)")
+    return cuq
+
+
+def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale, window,
+               softcap, *, any_float_pages=False):
+    """The Call of the paged API: q (Tq, H, D) over pages (P, page_size, Hkv, D).
+
+    any_float_pages: accept every (q, pages) dtype pair the backward can
+    convert (float64 still pairs only with float64), not only those with a
+    forward kernel."""
+    q = as_array(q, "q")
+    check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
+    k_pages, v_pages = pages(k_pages, v_pages)
+    q_code, kv_code = dtype_code(q, "q"), dtype_code(k_pages, "k_pages")
+    paired = ((q.dtype == np.float64) == (k_pages.dtype == np.float64)) if any_float_pages \
+        else kernel_available(q_code, kv_code)
+    if not paired:
+        raise DTypeError(f"k_pages: no kernel for q {q.dtype} over {k_pages.dtype} pages "
+                         "(float64 q needs float64 pages and vice versa)")
+    dims = _head_dims(q, k_pages, v_pages, 1, "k_pages", "v_pages")
+    num_pages, page_size = k_pages.shape[:2]
+    bt, lens = block_table(table, seq_lens, num_pages, page_size)
+    cuq = _paged_queries(q, cu_seqlens_q, lens)
+    opts = check_options(scale, window, softcap, causal, dims[2])
+    q_start = cuq[:-1].copy()
+    seqs = Sequences(q_start, q_start, np.diff(cuq), lens)   # k_start: unused for pages
+    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, *dims)
+
+
+def outputs(call, out, return_lse):
+    """The output array (allocated, or the caller's checked one) and the lse
+    array (compute dtype) or None, shaped for the call's layout."""
+    q = call.q
+    tokens = q.shape[:-2]
+    shape = tokens + (call.heads, call.head_dim_v)
+    inputs = [("q", q, True)]
+    if call.layout == "paged":
+        inputs += [("k_pages", call.k, False), ("v_pages", call.v, False)]
+    else:
+        inputs += [("k", call.k, False), ("v", call.v, False)]
+    return prepare_outputs(out, shape, q, inputs, return_lse, lse_shape(call))
+
+
+def lse_shape(call):
+    """(batch, H, seq_q) for "dense", (H, total_q) otherwise."""
+    if call.layout == "dense":
+        return (call.q.shape[0], call.heads, call.q.shape[1])
+    return (call.heads, call.q.shape[0])
+
+
+_LAYOUT_TEXT = {"dense": ("(batch, seq_q, num_heads, head_dim_v)", "(batch, num_heads, seq_q)"),
+                "packed": ("(total_q, num_heads, head_dim_v)", "(num_heads, total_q)")}
+_LAYOUT_TEXT["paged"] = _LAYOUT_TEXT["packed"]
+
+
+def forward_results(call, out, dout, lse):
+    """The backward's out, dout (the forward output's shape, q's dtype) and
+    lse (as the forward returned it), as arrays."""
+    out, dout = as_array(out, "out"), as_array(dout, "dout")
+    q = call.q
+    out_shape = q.shape[:-2] + (call.heads, call.head_dim_v)
+    layout, lse_layout = _LAYOUT_TEXT[call.layout]
+    for name, arr in (("out", out), ("dout", dout)):
+        if arr.shape != out_shape:
+            raise ShapeError(f"{name}: expected shape {out_shape} {layout}, got {arr.shape}")
+        if arr.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected dtype {q.dtype} (as q), got {arr.dtype}")
+    lse = as_array(lse, "lse")
+    want = compute_dtype(q.dtype)
+    if lse.dtype != want:
+        raise DTypeError(f"lse: expected dtype {want} for {q.dtype} input "
+                         f"(as returned by the forward), got {lse.dtype}")
+    if lse.shape != lse_shape(call):
+        raise ShapeError(f"lse: expected shape {lse_shape(call)} {lse_layout}, got {lse.shape}")
+    return out, dout, lse

@@ -10,50 +10,23 @@ import numpy as np
 
 from . import _backward
 from . import _validate as V
-from .dense import _check_cu_seqlens_qk, _check_dense_qkv, _check_kv, _check_packed_qkv
-from .errors import DTypeError, ShapeError
-from .paged import check_block_table, check_pages, check_queries
 
 
-_DENSE = ("(batch, seq_q, num_heads, head_dim_v)", "(batch, num_heads, seq_q)")
-_PACKED = ("(total_q, num_heads, head_dim_v)", "(num_heads, total_q)")
+def _run(call, out, dout, lse):
+    """Convert a checked call and the forward's results to the compute
+    dtype, allocate the gradients and run the engine: (dq, dk, dv) in the
+    compute dtype."""
+    ct = V.compute_dtype(call.q.dtype)
 
-
-def _check_forward_results(out, dout, lse, q, out_shape, lse_shape, layouts):
-    """out and dout: the forward output's shape and q's dtype; lse: as the
-    forward returned it. layouts: _DENSE or _PACKED, for the messages.
-    Returns lse as an array."""
-    layout, lse_layout = layouts
-    for name, arr in (("out", out), ("dout", dout)):
-        if arr.shape != out_shape:
-            raise ShapeError(f"{name}: expected shape {out_shape} {layout}, got {arr.shape}")
-        if arr.dtype != q.dtype:
-            raise DTypeError(f"{name}: expected dtype {q.dtype} (as q), got {arr.dtype}")
-    lse = V.as_array(lse, "lse")
-    want = np.dtype(V.compute_dtype(q.dtype))
-    if lse.dtype != want:
-        raise DTypeError(f"lse: expected dtype {want} for {q.dtype} input "
-                         f"(as returned by the forward), got {lse.dtype}")
-    if lse.shape != lse_shape:
-        raise ShapeError(f"lse: expected shape {lse_shape} {lse_layout}, got {lse.shape}")
-    return lse
-
-
-def _run(arrays, layout, seqs, opts):
-    """Convert to the compute dtype, allocate gradients, run the engine.
-
-    arrays: dict of dout, q, k, v, out, lse (validated); layout: "dense" or
-    "packed". Returns (dq, dk, dv) in the compute dtype.
-    """
-    ct = V.compute_dtype(arrays["q"].dtype)
-    a = {n: (x if x.dtype == ct else x.astype(ct)) for n, x in arrays.items()}
-    dq = np.empty(a["q"].shape, ct)
-    dk = np.empty(a["k"].shape, ct)
-    dv = np.empty(a["v"].shape, ct)
-    di = np.empty(a["lse"].shape, ct)
+    def conv(x):
+        return x if x.dtype == ct else x.astype(ct)
+    call = call._replace(q=conv(call.q), k=conv(call.k), v=conv(call.v))
+    dq = np.empty(call.q.shape, ct)
+    dk = np.empty(call.k.shape, ct)
+    dv = np.empty(call.v.shape, ct)
+    di = np.empty(lse.shape, ct)
     if dq.size or dk.size or dv.size:
-        _backward.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], di, dq, dk, dv,
-                           layout=layout, seqs=seqs, opts=opts)
+        _backward.backward(call, conv(out), conv(dout), conv(lse), di, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -84,22 +57,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     bitwise identical for any thread count. Raises ShapeError / DTypeError on
     bad input.
     """
-    dout, q, k, v, out = (V.as_array(x, n) for x, n in
-                          ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    _, (b, sq, sk), (h, hkv, d, dv) = _check_dense_qkv(q, k, v)
-    lse = _check_forward_results(out, dout, lse, q, (b, sq, h, dv), (b, h, sq), _DENSE)
-    opts = V.check_options(scale, window, softcap, causal, d)
-    zeros = np.zeros(b, dtype=np.int64)
-    seqs = V.Sequences(zeros, zeros, np.full(b, sq, np.int64), np.full(b, sk, np.int64))
-    dq, dk, dv_ = _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), "dense", seqs, opts)
-    return dq.astype(q.dtype, copy=False), dk.astype(q.dtype, copy=False), \
-        dv_.astype(q.dtype, copy=False)
-
-
-def _varlen(dout, q, k, v, out, lse, cuq, cuk, opts):
-    """Packed backward on validated 3-D arrays; gradients in the compute dtype."""
-    seqs = V.Sequences(cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
-    return _run(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse), "packed", seqs, opts)
+    call = V.dense_call(q, k, v, causal, scale, window, softcap)
+    out, dout, lse = V.forward_results(call, out, dout, lse)
+    return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
@@ -119,15 +79,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         ``(dq, dk, dv)`` shaped like q, k, v in their dtype. Otherwise as
         :func:`attention_backward` (per-sequence masks, bottom-right causal).
     """
-    dout, q, k, v, out = (V.as_array(x, n) for x, n in
-                          ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    _, (h, hkv, d, dv) = _check_packed_qkv(q, k, v)
-    total = q.shape[0]
-    lse = _check_forward_results(out, dout, lse, q, (total, h, dv), (h, total), _PACKED)
-    cuq, cuk = _check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k, total, k.shape[0])
-    opts = V.check_options(scale, window, softcap, causal, d)
-    grads = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
-    return tuple(g.astype(q.dtype, copy=False) for g in grads)
+    call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap)
+    out, dout, lse = V.forward_results(call, out, dout, lse)
+    return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
 
 
 def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, out, lse, *,
@@ -163,21 +117,11 @@ def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, o
     added into the page-shaped gradients in sequence order (deterministic).
     Raises ShapeError / DTypeError / PageError on bad input.
     """
-    dout, q, out = V.as_array(dout, "dout"), V.as_array(q, "q"), V.as_array(out, "out")
-    V.check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
-    k_pages, v_pages, _ = check_pages(k_pages, v_pages)
-    num_pages, page_size = k_pages.shape[:2]
-    bt, lens = check_block_table(block_table, seq_lens, num_pages, page_size)
-    V.dtype_code(q, "q")
-    if (q.dtype == np.float64) != (k_pages.dtype == np.float64):
-        raise DTypeError(f"k_pages: no kernel for q {q.dtype} over {k_pages.dtype} pages "
-                         "(float64 q needs float64 pages and vice versa)")
-    h, hkv, d, dv = _check_kv(q, k_pages, v_pages, 1, "k_pages", "v_pages")
-    batch = lens.shape[0]
-    cuq = check_queries(q, cu_seqlens_q, lens)
-    total = q.shape[0]
-    lse = _check_forward_results(out, dout, lse, q, (total, h, dv), (h, total), _PACKED)
-    opts = V.check_options(scale, window, softcap, causal, d)
+    call = V.paged_call(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, causal, scale,
+                        window, softcap, any_float_pages=True)
+    out, dout, lse = V.forward_results(call, out, dout, lse)
+    q, k_pages, v_pages, bt, lens = call.q, call.k, call.v, call.block_table, call.seqs.k_len
+    batch, page_size = lens.shape[0], k_pages.shape[1]
 
     # (page, slot) of every cached token, sequence after sequence
     pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lens]) if batch else \
@@ -188,8 +132,10 @@ def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, o
     ct = V.compute_dtype(q.dtype)
     k = k_pages[page, slot].astype(ct, copy=False)
     v = v_pages[page, slot].astype(ct, copy=False)
-    cuk = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    dq, dk, dv_ = _varlen(dout, q, k, v, out, lse, cuq, cuk, opts)
+    k_start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if batch else lens
+    packed = call._replace(k=k, v=v, layout="packed", block_table=None,
+                           seqs=call.seqs._replace(k_start=k_start))
+    dq, dk, dv_ = _run(packed, out, dout, lse)
     dk_pages = np.zeros(k_pages.shape, ct)
     dv_pages = np.zeros(v_pages.shape, ct)
     np.add.at(dk_pages, (page, slot), dk)
