@@ -79,7 +79,8 @@ extensions = [
     ext("_threads", "platform.c"),
     ext("_forward", "forward.c", "platform.c"),
     ext("_roofline"),
-    ext("_pool", "pool.c"),
+    ext("_pool", "pool.c", "quant.c"),
+    ext("_quant", "quant.c"),
     ext("_backward", "backward.c", "platform.c"),
 ]
 

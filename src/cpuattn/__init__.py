@@ -18,6 +18,7 @@ from .paged import gather_pages, paged_attention
 from ._pool import PagePool
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
 from .kvcache import KVCache
+from .quant import dequantize_kv, quantize_kv
 from .reference import reference_attention
 from . import layers  # numpy only; makes ``cpuattn.layers`` available after ``import cpuattn``
 
@@ -49,7 +50,7 @@ def info():
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
     "PagePool", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
-    "KVCache", "layers",
+    "KVCache", "layers", "quantize_kv", "dequantize_kv",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]

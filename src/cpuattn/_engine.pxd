@@ -9,15 +9,30 @@ cdef extern from "engine.h" nogil:
         CPA_F64
         CPA_F16
         CPA_BF16
+        CPA_I8
+        CPA_I4
+        CPA_E4M3
+        CPA_E5M2
         CPA_DTYPE_COUNT
     const char *cpa_dtype_name(int code)
-    int cpa_dtype_size(int code)
+    int cpa_dtype_bits(int code)
     ctypedef struct cpa_mask:
         int32_t causal
         int64_t window_left, window_right
     ctypedef struct cpa_rows:
         void *data
         int64_t seq, tok, head
+
+cdef extern from "quant.h" nogil:
+    int CPA_INT4_GROUP
+    int64_t cpa_quant_row_bytes(int dtype, int64_t d)
+    int64_t cpa_quant_scales_per_row(int dtype, int64_t d)
+    void cpa_quantize_rows(int dtype, const float *x, int64_t xstride, int64_t n, int64_t d,
+                           unsigned char *codes, int64_t code_stride, void *scales,
+                           int64_t scale_stride)
+    void cpa_dequantize_rows(int dtype, const unsigned char *codes, int64_t code_stride,
+                             const void *scales, int64_t scale_stride, int64_t n, int64_t d,
+                             float *out, int64_t ostride)
 
 cdef extern from "platform.h" nogil:
     int CPA_ISA_COUNT

@@ -15,7 +15,7 @@ import numpy as np
 from ._engine cimport (
     cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
     cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one, i64,
-    CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_size,
+    CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_bits,
     cpa_rows, rows_of, set_mask)
 from ._threads cimport current_isa, team_size
 
@@ -23,8 +23,8 @@ cnp.import_array()
 
 
 # The storage dtypes of the engine, from its one table (csrc/engine.h):
-# (numpy name, kernel code, element bytes).
-DTYPES = tuple((cpa_dtype_name(c).decode(), c, cpa_dtype_size(c)) for c in range(CPA_DTYPE_COUNT))
+# (name, kernel code, bits per element).
+DTYPES = tuple((cpa_dtype_name(c).decode(), c, cpa_dtype_bits(c)) for c in range(CPA_DTYPE_COUNT))
 
 
 def kernel_available(int q_dtype, int kv_dtype):

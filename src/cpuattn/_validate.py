@@ -18,10 +18,98 @@ import numpy as np
 from ._forward import DTYPES, check_chains, kernel_available
 from .errors import DTypeError, PageError, ShapeError
 
-# the engine's storage dtypes (csrc/engine.h), by numpy name
-DTYPE_NAMES = tuple(name for name, _, _ in DTYPES)
+# the engine's storage dtypes (csrc/engine.h), by name: the float ones any
+# array may have, and the low-bit ones only KV pages have
+DTYPE_NAMES = tuple(name for name, _, bits in DTYPES if bits >= 16)
 _CODES = {name: code for name, code, _ in DTYPES}
 INDEX_MAX = 2**31 - 1
+
+
+class KVFormat(NamedTuple):
+    """A low-bit KV storage format (csrc/quant.h): its engine code, the
+    numpy dtype of its codes, the dtype of its scales and how many scales a
+    row of head_dim values has (int4: one per group of 32)."""
+    name: str
+    code: int
+    codes_dtype: np.dtype
+    scale_dtype: np.dtype
+    group: int      # 0: one scale per row
+
+
+INT4_GROUP = 32
+
+
+def _fp8_dtype(name):
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes is in the test extra
+        raise DTypeError(f"{name} KV storage needs the ml_dtypes package "
+                         "(pip install ml_dtypes)") from None
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def kv_format(dtype, name="dtype"):
+    """The KVFormat named by dtype ("int8", "int4", "float8_e4m3fn",
+    "float8_e5m2", or the numpy dtype of int8 / fp8 codes), or DTypeError."""
+    key = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if _is_dtype(dtype)
+                                                      else None, "name", None)
+    if key == "int8":
+        return KVFormat("int8", _CODES["int8"], np.dtype(np.int8), np.dtype(np.float32), 0)
+    if key == "int4":
+        return KVFormat("int4", _CODES["int4"], np.dtype(np.uint8), np.dtype(np.float16),
+                        INT4_GROUP)
+    if key in ("float8_e4m3fn", "float8_e5m2"):
+        return KVFormat(key, _CODES[key], _fp8_dtype(key), np.dtype(np.float32), 0)
+    raise DTypeError(f"{name}: expected a low-bit KV dtype \"int8\", \"int4\", "
+                     f"\"float8_e4m3fn\" or \"float8_e5m2\", got {dtype!r}")
+
+
+def _is_dtype(x):
+    try:
+        np.dtype(x)
+    except TypeError:
+        return False
+    return True
+
+
+def kv_format_of(pages):
+    """The KVFormat of low-bit pages by their dtype (uint8 pages are int4),
+    or None for float pages."""
+    name = pages.dtype.name
+    if name == "uint8":
+        return kv_format("int4")
+    if name in ("int8", "float8_e4m3fn", "float8_e5m2"):
+        return kv_format(name)
+    return None
+
+
+def scale_shape(fmt, rows_shape, head_dim):
+    """Shape of the scales of codes whose rows (tokens x heads) are rows_shape."""
+    if fmt.group:
+        return tuple(rows_shape) + (-(-head_dim // fmt.group),)
+    return tuple(rows_shape)
+
+
+def kv_scale(scale, fmt, rows_shape, head_dim, name):
+    """A checked scale for codes of format fmt: (contiguous array, per_tensor).
+
+    int8/int4: an array of exactly scale_shape() and fmt.scale_dtype. fp8:
+    also a Python/numpy real number (one scale for the whole tensor)."""
+    if fmt.name.startswith("float8") and isinstance(scale, numbers.Real) \
+            and not isinstance(scale, (bool, np.bool_)):
+        if not math.isfinite(scale) or scale < 0:
+            raise ShapeError(f"{name}: expected a finite scale >= 0, got {scale!r}")
+        return np.full(1, scale, dtype=np.float32), True
+    if scale is None:
+        raise ShapeError(f"{name}: {fmt.name} pages need their scales, got None")
+    arr = np.asarray(scale) if not isinstance(scale, np.ndarray) else scale
+    want = scale_shape(fmt, rows_shape, head_dim)
+    if arr.shape != want:
+        raise ShapeError(f"{name}: expected shape {want} for {fmt.name} codes, got {arr.shape}")
+    if arr.dtype != fmt.scale_dtype:
+        raise DTypeError(f"{name}: expected dtype {fmt.scale_dtype} for {fmt.name} codes, "
+                         f"got {arr.dtype}")
+    return arr, False
 
 
 class Options(NamedTuple):
@@ -67,17 +155,19 @@ def compute_dtype(dtype):
 
 
 def dtype_code(arr, name):
-    """Kernel dtype tag of an array, or DTypeError."""
-    code = _CODES.get(arr.dtype.name)   # by name: bfloat16 is a user dtype (ml_dtypes)
+    """Kernel dtype tag of a float array, or DTypeError."""
+    # by name: bfloat16 is a user dtype (ml_dtypes)
+    code = _CODES.get(arr.dtype.name) if arr.dtype.name in DTYPE_NAMES else None
     if code is None:
         raise DTypeError(f"{name}: expected dtype {', '.join(DTYPE_NAMES[:-1])} or "
                          f"{DTYPE_NAMES[-1]}, got {arr.dtype}")
     return code
 
 
-def as_array(x, name):
+def as_array(x, name, kv=False):
     """A numpy view of x (no copy where numpy.asarray can avoid one), with a
-    contiguous last axis (copied once otherwise)."""
+    contiguous last axis (copied once otherwise). A float array, or with kv
+    also low-bit KV codes (int8, uint8 = int4 pairs, fp8)."""
     if isinstance(x, np.ndarray):
         arr = x
     else:
@@ -94,7 +184,8 @@ def as_array(x, name):
         except Exception as e:  # noqa: BLE001 - any conversion failure is a dtype problem
             raise DTypeError(f"{name}: expected an array of float32/float64/float16/bfloat16, "
                              f"got {type(x).__name__} ({e})") from None
-    dtype_code(arr, name)
+    if not (kv and kv_format_of(arr)):
+        dtype_code(arr, name)
     if arr.ndim and arr.size:
         isz = arr.itemsize
         if (arr.shape[-1] > 1 and arr.strides[-1] != isz) or any(s % isz for s in arr.strides):

@@ -6,15 +6,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Storage dtypes: X(ENUM, code, numpy name, element bytes). The code is the
+/* Storage dtypes: X(ENUM, code, name, bits per element). The code is the
  * kernel table column and the value Python passes (cpuattn._forward.DTYPES
- * is built from this list). The compute type is float64 for CPA_F64 and
- * float32 for every other storage type. */
-#define CPA_DTYPES(X)                 \
-    X(CPA_F32, 0, "float32", 4)       \
-    X(CPA_F64, 1, "float64", 8)       \
-    X(CPA_F16, 2, "float16", 2)       \
-    X(CPA_BF16, 3, "bfloat16", 2)
+ * is built from this list; the name is the numpy dtype's, except "int4",
+ * stored as uint8 pairs). The compute type is float64 for CPA_F64 and
+ * float32 for every other storage type. The four low-bit types are KV-only
+ * and carry scales (quant.h). */
+#define CPA_DTYPES(X)                     \
+    X(CPA_F32, 0, "float32", 32)          \
+    X(CPA_F64, 1, "float64", 64)          \
+    X(CPA_F16, 2, "float16", 16)          \
+    X(CPA_BF16, 3, "bfloat16", 16)        \
+    X(CPA_I8, 4, "int8", 8)               \
+    X(CPA_I4, 5, "int4", 4)               \
+    X(CPA_E4M3, 6, "float8_e4m3fn", 8)    \
+    X(CPA_E5M2, 7, "float8_e5m2", 8)
 
 #define CPA_DTYPE_ENUM_(e, code, name, size) e = code,
 enum cpa_dtype { CPA_DTYPES(CPA_DTYPE_ENUM_) CPA_DTYPE_COUNT };
@@ -27,7 +33,7 @@ enum cpa_dtype { CPA_DTYPES(CPA_DTYPE_ENUM_) CPA_DTYPE_COUNT };
 #define CPA_KIND_BF16 3
 
 const char *cpa_dtype_name(int code);   /* NULL outside the table */
-int cpa_dtype_size(int code);           /* 0 outside the table */
+int cpa_dtype_bits(int code);           /* 0 outside the table */
 
 /* Which keys a query sees (bottom-right aligned, window -1 = unbounded). */
 typedef struct {

@@ -85,17 +85,17 @@ const char *cpa_isa_name(int isa)
 
 #define CPA_DTYPE_NAME_(e, code, name, size) [code] = name,
 static const char *const cpa_dtype_names[CPA_DTYPE_COUNT] = { CPA_DTYPES(CPA_DTYPE_NAME_) };
-#define CPA_DTYPE_SIZE_(e, code, name, size) [code] = size,
-static const int cpa_dtype_sizes[CPA_DTYPE_COUNT] = { CPA_DTYPES(CPA_DTYPE_SIZE_) };
+#define CPA_DTYPE_BITS_(e, code, name, bits) [code] = bits,
+static const int cpa_dtype_bits_of[CPA_DTYPE_COUNT] = { CPA_DTYPES(CPA_DTYPE_BITS_) };
 
 const char *cpa_dtype_name(int code)
 {
     return (code < 0 || code >= CPA_DTYPE_COUNT) ? 0 : cpa_dtype_names[code];
 }
 
-int cpa_dtype_size(int code)
+int cpa_dtype_bits(int code)
 {
-    return (code < 0 || code >= CPA_DTYPE_COUNT) ? 0 : cpa_dtype_sizes[code];
+    return (code < 0 || code >= CPA_DTYPE_COUNT) ? 0 : cpa_dtype_bits_of[code];
 }
 
 int cpa_openmp_enabled(void)
