@@ -77,7 +77,7 @@ def ext(name, *csources):
 # platform.c: CPU features, ISA and dtype tables (the engines' dispatch uses it)
 extensions = [
     ext("_threads", "platform.c"),
-    ext("_forward", "forward.c", "platform.c"),
+    ext("_forward", "forward.c", "platform.c", "quant.c"),
     ext("_roofline"),
     ext("_pool", "pool.c", "quant.c"),
     ext("_quant", "quant.c"),

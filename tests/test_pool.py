@@ -737,7 +737,8 @@ def test_attention_forwards_options_and_unpins_on_error(rng, fake_paged):
     pool.attention(q, [s], cu_seqlens_q=[0, 2], causal=False, scale=0.5, window=(3, 0),
                    softcap=20.0, return_lse=True)
     assert fake_paged.calls[-1][1] == dict(cu_seqlens_q=[0, 2], causal=False, scale=0.5,
-                                           window=(3, 0), softcap=20.0, return_lse=True)
+                                           window=(3, 0), softcap=20.0, return_lse=True,
+                                           k_scale=None, v_scale=None)
     assert fake_paged.calls[-1][0][4].tolist() == [5]
 
     def boom(args, kwargs):

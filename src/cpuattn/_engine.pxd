@@ -45,8 +45,9 @@ cdef extern from "platform.h" nogil:
 cdef extern from "forward.h" nogil:
     ctypedef struct cpa_fwd_args:
         cpa_rows q, k, v, out, lse
+        cpa_rows k_scale, v_scale
         int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
-        int32_t q_dtype, kv_dtype
+        int32_t q_dtype, k_dtype, v_dtype
         double scale, softcap
         cpa_mask mask
         int64_t num_seqs

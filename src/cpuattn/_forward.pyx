@@ -27,12 +27,13 @@ cnp.import_array()
 DTYPES = tuple((cpa_dtype_name(c).decode(), c, cpa_dtype_bits(c)) for c in range(CPA_DTYPE_COUNT))
 
 
-def kernel_available(int q_dtype, int kv_dtype):
-    """Whether the engine has a kernel for this (query, kv) dtype pair."""
+def kernel_available(int q_dtype, int k_dtype, int v_dtype):
+    """Whether the engine has a kernel for these (query, K, V) dtype codes."""
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
     a.q_dtype = q_dtype
-    a.kv_dtype = kv_dtype
+    a.k_dtype = k_dtype
+    a.v_dtype = v_dtype
     return cpa_fwd_kernel(&a, current_isa()) != NULL
 
 
@@ -62,7 +63,10 @@ def forward(call, cnp.ndarray out, lse):
     a.head_dim_qk = call.head_dim
     a.head_dim_v = call.head_dim_v
     a.q_dtype = _float_code(q)
-    a.kv_dtype = _float_code(k)
+    a.k_dtype = _kv_code(k)
+    a.v_dtype = _kv_code(v)
+    a.k_scale = _scale_rows(call.k_scale)
+    a.v_scale = _scale_rows(call.v_scale)
     opts = call.opts
     a.scale = opts.scale
     a.softcap = opts.softcap
@@ -80,6 +84,29 @@ def forward(call, cnp.ndarray out, lse):
         a.bt_stride = bt.shape[1]
         a.page_size = k.shape[1]
     run(&a)
+
+
+cdef cpa_rows _scale_rows(object scale):
+    """The cpa_rows of page scales (page, slot, head[, group]); a 1-element
+    1-D array is one per-tensor scale (all strides 0); None: no scales."""
+    cdef cpa_rows r
+    if scale is not None and (<cnp.ndarray>scale).ndim == 1:
+        r.data = cnp.PyArray_DATA(<cnp.ndarray>scale)
+        r.seq = r.tok = r.head = 0
+        return r
+    return rows_of(scale, (0, 1, 2))
+
+
+cdef int _kv_code(cnp.ndarray x):
+    """Kernel dtype code of page storage: float, int8, int4 (uint8 pairs), fp8."""
+    cdef int c = _float_code(x)
+    if c >= 0:
+        return c
+    name = x.dtype.name
+    return _LOW_BIT_CODES["int4" if name == "uint8" else name]
+
+
+_LOW_BIT_CODES = {name: code for name, code, bits in DTYPES if bits < 16}
 
 
 cdef void run(cpa_fwd_args *a) except *:
@@ -243,7 +270,8 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
     a.head_dim_qk = <int32_t>d
     a.head_dim_v = <int32_t>dv
     a.q_dtype = qc
-    a.kv_dtype = kc
+    a.k_dtype = kc
+    a.v_dtype = kc
     a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
     a.softcap = <double>softcap
     a.mask.causal = causal

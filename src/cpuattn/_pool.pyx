@@ -17,15 +17,21 @@ import numpy as np
 from libc.stdint cimport int32_t, int64_t
 cimport numpy as cnp
 
+from . import _quant
 from . import _validate as V
 from .errors import DTypeError, PageError, PoolFullError, ShapeError
 
 cnp.import_array()
 
 cdef extern from "pool.h" nogil:
+    enum:
+        CPA_PLANE_K
+        CPA_PLANE_V
+        CPA_PLANE_KS
+        CPA_PLANE_VS
+        CPA_PLANES
     ctypedef struct cpa_pool:
-        char *k
-        char *v
+        char *plane[4]
     enum:
         CPA_POOL_OK
         CPA_POOL_EUNKNOWN
@@ -35,20 +41,19 @@ cdef extern from "pool.h" nogil:
         CPA_POOL_ELEN
         CPA_POOL_ETOOLONG
         CPA_POOL_ERETRY
-    cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
-                           int64_t head_dim, int64_t itemsize)
+    cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t *row_bytes)
     void cpa_pool_destroy(cpa_pool *p)
     int64_t cpa_pool_num_free(cpa_pool *p)
     int64_t cpa_pool_num_alive(cpa_pool *p)
     int cpa_pool_create_seq(cpa_pool *p, int64_t *seq_out)
     int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out)
-    int cpa_pool_append(cpa_pool *p, int64_t seq, const char *k, const char *v, int64_t n,
+    int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const *rows, int64_t n,
                         int64_t *need_out)
     int cpa_pool_fork(cpa_pool *p, int64_t seq, int64_t *seq_out)
     int cpa_pool_truncate(cpa_pool *p, int64_t seq, int64_t length, int64_t *len_out)
     int cpa_pool_free_seq(cpa_pool *p, int64_t seq)
     int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t *npages_out)
-    int cpa_pool_gather(cpa_pool *p, int64_t seq, char *k_out, char *v_out, int64_t cap,
+    int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const *out, int64_t cap,
                         int64_t *len_out)
     int cpa_pool_block_table(cpa_pool *p, const int64_t *seqs, int64_t n, int pin,
                              int32_t *table, int64_t width, int32_t *lens, int64_t *width_out,
@@ -64,15 +69,25 @@ cdef extern from "pool.h" nogil:
 _INT64_MAX = 2**63 - 1
 
 
-def _pool_dtype(dtype):
-    """numpy dtype of the pool from a name or dtype-like, or DTypeError."""
+def _pool_dtype(dtype, name="dtype"):
+    """The storage of K or V pages: (numpy dtype of the page array, KVFormat
+    or None for float storage), or DTypeError."""
+    if isinstance(dtype, str) and dtype in ("int8", "int4", "float8_e4m3fn", "float8_e5m2") or (
+            not isinstance(dtype, str) and V._is_dtype(dtype)
+            and np.dtype(dtype).name in ("int8", "float8_e4m3fn", "float8_e5m2")):
+        fmt = V.kv_format(dtype, name)
+        return fmt.codes_dtype, fmt
+    return _float_dtype(dtype, name), None
+
+
+def _float_dtype(dtype, name):
     if isinstance(dtype, str) and dtype == "bfloat16":
         try:
             # import_module honours a None entry in sys.modules (Cython's own
             # import does not), so "ml_dtypes missing" can be tested.
             ml_dtypes = importlib.import_module("ml_dtypes")
         except ImportError:
-            raise DTypeError("dtype: bfloat16 pages need the ml_dtypes package "
+            raise DTypeError(f"{name}: bfloat16 pages need the ml_dtypes package "
                              "(pip install ml_dtypes)") from None
         return np.dtype(ml_dtypes.bfloat16)
     try:
@@ -80,7 +95,8 @@ def _pool_dtype(dtype):
     except TypeError:
         dt = None
     if dt is None or dt.name not in V.DTYPE_NAMES:
-        raise DTypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype!r}")
+        raise DTypeError(f"{name}: expected float32, float64, float16, bfloat16, int8, int4, "
+                         f"float8_e4m3fn or float8_e5m2, got {dtype!r}")
     return dt
 
 
@@ -114,61 +130,103 @@ def _seq_error(int rc, seq, name="seq"):
 cdef class PagePool:
     """A paged KV cache: page storage and page chains in C memory.
 
-    ``PagePool(num_pages, page_size, num_kv_heads, head_dim, dtype="float32")``
+    ``PagePool(num_pages, page_size, num_kv_heads, head_dim, dtype="float32",
+    *, k_dtype=None, v_dtype=None)``
 
     K and V storage each have shape ``(num_pages, page_size, num_kv_heads,
-    head_dim)`` in ``dtype`` (float32, float64, float16, or bfloat16, which
-    needs ``ml_dtypes``), one 64-byte aligned, zero-initialised allocation
-    each. Sequences are chains of pages; pages are reference counted, so
-    ``fork`` shares them and a write into a shared partial last page copies it
-    first (copy-on-write). Sequence ids are never reused: a freed or unknown
-    id raises ``PageError``.
+    head_dim)`` in their storage dtype: float32, float64, float16, bfloat16
+    (needs ``ml_dtypes``) or a low-bit KV format: ``"int8"``, ``"int4"``
+    (``head_dim // 2`` bytes of nibble pairs, even ``head_dim``),
+    ``"float8_e4m3fn"``, ``"float8_e5m2"`` (``ml_dtypes``). ``k_dtype`` and
+    ``v_dtype`` default to ``dtype``. Low-bit storage keeps its scales beside
+    the pages (``k_scales``, ``v_scales``: float32 per token and kv head;
+    float16 per group of 32 elements for int4), and ``append`` quantises
+    with exactly the bytes of :func:`cpuattn.quantize_kv`. Each plane is one
+    64-byte aligned, zero-initialised allocation. Sequences are chains of
+    pages; pages are reference counted, so ``fork`` shares them and a write
+    into a shared partial last page copies it (and its scales) first
+    (copy-on-write). Sequence ids are never reused: a freed or unknown id
+    raises ``PageError``.
 
     Attributes:
         num_pages, page_size, num_kv_heads, head_dim: the constructor's ints.
-        dtype: the pool's numpy dtype.
+        dtype: the ``dtype`` argument: a numpy dtype, or the format name for
+            low-bit storage.
+        k_dtype, v_dtype: the storage of K and V by name (e.g. ``"float16"``,
+            ``"int8"``, ``"int4"``).
         num_free_pages: pages on the free list now.
-        nbytes: bytes of K plus V storage.
-        k_pages, v_pages: zero-copy writable numpy views of the storage,
-            ``(num_pages, page_size, num_kv_heads, head_dim)``, for the
-            functional API (``cpuattn.paged_attention``); they keep the pool's
-            memory alive.
+        nbytes: bytes of all storage: K, V and their scales.
+        k_pages, v_pages: zero-copy writable numpy views of the storage, for
+            the functional API (``cpuattn.paged_attention``); they keep the
+            pool's memory alive.
+        k_scales, v_scales: zero-copy views of the scales of low-bit
+            storage, shaped as ``paged_attention``'s ``k_scale``; None for
+            float storage.
 
     All methods may be called from several threads at once; each is atomic.
     An ``attention`` call pins the pages it reads, so a sequence freed or
     truncated meanwhile keeps its pages until the call returns.
 
     Raises:
-        ShapeError: a size argument is not an int in ``[1, 2**31 - 1]``, or
-            the storage size overflows the address space.
-        DTypeError: unsupported ``dtype`` (or bfloat16 without ml_dtypes).
+        ShapeError: a size argument is not an int in ``[1, 2**31 - 1]``, an
+            odd ``head_dim`` for int4, or the storage size overflows the
+            address space.
+        DTypeError: unsupported ``dtype`` (or bfloat16/fp8 without ml_dtypes).
         MemoryError: the storage cannot be allocated.
     """
     cdef cpa_pool *_p
     cdef readonly int64_t num_pages, page_size, num_kv_heads, head_dim
-    cdef readonly object dtype
-    cdef int64_t _side_bytes
+    cdef readonly object dtype, k_dtype, v_dtype
+    cdef object _page_dtype, _fmt          # per plane K, V: numpy dtype, KVFormat or None
+    cdef int64_t _row_bytes[4]
     cdef object __weakref__
 
-    def __cinit__(self, num_pages, page_size, num_kv_heads, head_dim, dtype="float32"):
+    def __cinit__(self, num_pages, page_size, num_kv_heads, head_dim, dtype="float32", *,
+                  k_dtype=None, v_dtype=None):
         dims = [_positive_int(x, name) for x, name in (
             (num_pages, "num_pages"), (page_size, "page_size"),
             (num_kv_heads, "num_kv_heads"), (head_dim, "head_dim"))]
         self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = dims
-        self.dtype = _pool_dtype(dtype)
-        side = self.dtype.itemsize  # a Python int product: cannot overflow
-        for d in dims:
-            side *= d
-        if side > sys.maxsize - 64:
+        storage = [_pool_dtype(dtype, "dtype")]
+        self.dtype = storage[0][1].name if storage[0][1] is not None else storage[0][0]
+        storage = [storage[0] if x is None else _pool_dtype(x, name)
+                   for x, name in ((k_dtype, "k_dtype"), (v_dtype, "v_dtype"))]
+        self._page_dtype = [dt for dt, _ in storage]
+        self._fmt = [fmt for _, fmt in storage]
+        self.k_dtype, self.v_dtype = [fmt.name if fmt is not None else dt.name for dt, fmt in storage]
+        cdef int i
+        cdef int64_t rb[4]
+        planes = [0, 0, 0, 0]   # row bytes of K, V, K scales, V scales (Python ints)
+        for i in range(2):
+            fmt = self._fmt[i]
+            if fmt is not None and fmt.group and self.head_dim % 2:
+                raise ShapeError(f"head_dim: int4 storage needs an even head_dim, got {self.head_dim}")
+            planes[i] = self.num_kv_heads * self._row_shape(i)[1] * self._page_dtype[i].itemsize
+            if fmt is not None:
+                planes[2 + i] = self.num_kv_heads * int(np.prod(self._scale_row(i))) \
+                    * fmt.scale_dtype.itemsize
+        total = sum(planes) * self.num_pages * self.page_size
+        if total > sys.maxsize - 256:
             raise ShapeError(
-                f"PagePool: num_pages * page_size * num_kv_heads * head_dim * itemsize = "
-                f"{side} bytes per K/V storage exceeds the address space ({sys.maxsize})")
-        self._side_bytes = side
-        self._p = cpa_pool_new(self.num_pages, self.page_size, self.num_kv_heads,
-                               self.head_dim, self.dtype.itemsize)
+                f"PagePool: {total} bytes of page storage (num_pages * page_size * row bytes, "
+                f"K, V and scales) exceeds the address space ({sys.maxsize})")
+        for i in range(4):
+            rb[i] = self._row_bytes[i] = planes[i]
+        self._p = cpa_pool_new(self.num_pages, self.page_size, rb)
         if self._p == NULL:
-            raise MemoryError(f"PagePool: cannot allocate 2 x {side} bytes of page storage")
+            raise MemoryError(f"PagePool: cannot allocate {total} bytes of page storage")
         _live_pools.add(self)
+
+    def _row_shape(self, int i):
+        """(num_kv_heads, elements of a head's row) of plane K (0) or V (1)."""
+        fmt = self._fmt[i]
+        return (self.num_kv_heads, self.head_dim // 2 if fmt is not None and fmt.group
+                else self.head_dim)
+
+    def _scale_row(self, int i):
+        """Shape of a head's scales in plane K (0) or V (1): () or (groups,)."""
+        fmt = self._fmt[i]
+        return V.scale_shape(fmt, (), self.head_dim)
 
     def __dealloc__(self):
         cpa_pool_destroy(self._p)
@@ -189,8 +247,8 @@ cdef class PagePool:
     def __repr__(self):
         return (f"PagePool(num_pages={self.num_pages}, page_size={self.page_size}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype='{self.dtype.name}', free_pages={self.num_free_pages}, "
-                f"sequences={cpa_pool_num_alive(self._p)})")
+                f"k_dtype='{self.k_dtype}', v_dtype='{self.v_dtype}', "
+                f"free_pages={self.num_free_pages}, sequences={cpa_pool_num_alive(self._p)})")
 
     @property
     def num_free_pages(self):
@@ -202,25 +260,47 @@ cdef class PagePool:
 
     @property
     def nbytes(self):
-        """Bytes of page storage, K and V together."""
-        return 2 * self._side_bytes
+        """Bytes of page storage: K, V and the scales of low-bit storage."""
+        cdef int i
+        return sum(self._row_bytes[i] for i in range(4)) * self.num_pages * self.page_size
 
-    cdef object _view(self, char *data):
-        cdef cnp.npy_intp n = self._side_bytes
-        cdef cnp.ndarray raw = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_UINT8, data)
+    cdef object _view(self, int plane, dtype, tuple row):
+        """Zero-copy view of a plane as (num_pages, page_size) + row in dtype."""
+        cdef cnp.npy_intp n = self._row_bytes[plane] * self.num_pages * self.page_size
+        cdef cnp.ndarray raw = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_UINT8,
+                                                              self._p.plane[plane])
         cnp.set_array_base(raw, self)  # the view owns a reference to the pool
-        return raw.view(self.dtype).reshape(
-            (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim))
+        return raw.view(dtype).reshape((self.num_pages, self.page_size) + row)
 
     @property
     def k_pages(self):
-        """Zero-copy view of the K storage, ``(num_pages, page_size, num_kv_heads, head_dim)``."""
-        return self._view(self._p.k)
+        """Zero-copy view of the K storage, ``(num_pages, page_size, num_kv_heads,
+        head_dim)`` (``head_dim // 2`` uint8 for int4)."""
+        return self._view(CPA_PLANE_K, self._page_dtype[0], self._row_shape(0))
 
     @property
     def v_pages(self):
-        """Zero-copy view of the V storage, ``(num_pages, page_size, num_kv_heads, head_dim)``."""
-        return self._view(self._p.v)
+        """Zero-copy view of the V storage, as ``k_pages``."""
+        return self._view(CPA_PLANE_V, self._page_dtype[1], self._row_shape(1))
+
+    @property
+    def k_scales(self):
+        """Zero-copy view of the K scales of low-bit storage, ``(num_pages,
+        page_size, num_kv_heads)`` float32 (int4: ``(..., ceil(head_dim / 32))``
+        float16); None for float storage."""
+        return self._scales(0)
+
+    @property
+    def v_scales(self):
+        """The V scales, as ``k_scales``."""
+        return self._scales(1)
+
+    def _scales(self, int i):
+        fmt = self._fmt[i]
+        if fmt is None:
+            return None
+        return self._view(CPA_PLANE_KS + i, fmt.scale_dtype,
+                          (self.num_kv_heads,) + self._scale_row(i))
 
     def create_sequence(self):
         """A new empty sequence; returns its id (an int, never reused)."""
@@ -242,9 +322,11 @@ cdef class PagePool:
             raise _seq_error(rc, seq)
         return length
 
-    def _rows(self, x, name):
-        """x as contiguous (n, num_kv_heads, head_dim) rows in the pool dtype.
-        Conversion rounds to nearest even (numpy / ml_dtypes casts)."""
+    def _rows(self, x, name, int i):
+        """x as contiguous rows of plane K (0) or V (1) in its storage: the
+        page dtype (numpy / ml_dtypes casts, round to nearest even), or
+        low-bit codes and their scales (quantize_kv's bytes). Returns
+        (rows, scales or None)."""
         arr = V.as_array(x, name)
         layout = f"(n, {self.num_kv_heads}, {self.head_dim})"
         V.check_ndim(arr, name, 3, layout)
@@ -253,7 +335,11 @@ cdef class PagePool:
         if arr.shape[0] > V.INDEX_MAX:  # before the conversion copies it
             raise ShapeError(f"{name}: a sequence would exceed {V.INDEX_MAX} tokens "
                              f"with {arr.shape[0]} rows")
-        return np.ascontiguousarray(arr, dtype=self.dtype)
+        fmt = self._fmt[i]
+        if fmt is None:
+            return np.ascontiguousarray(arr, dtype=self._page_dtype[i]), None
+        flat = np.ascontiguousarray(arr.reshape(-1, self.head_dim), dtype=np.float32)
+        return _quant.quantize_rows(flat, fmt.code, fmt.codes_dtype)
 
     def append(self, seq, k, v):
         """Append tokens to sequence ``seq``.
@@ -261,8 +347,9 @@ cdef class PagePool:
         Args:
             seq: sequence id.
             k, v: ``(n, num_kv_heads, head_dim)``, float32, float64, float16 or
-                bfloat16 (any strides); converted to the pool dtype with
-                round-to-nearest-even.
+                bfloat16 (any strides); converted to the storage dtype with
+                round-to-nearest-even, or quantised (low-bit storage) with
+                exactly the bytes of :func:`cpuattn.quantize_kv`.
 
         Takes free pages as needed; if the last page is partial and shared
         (by a fork, or pinned by a running ``attention`` call), it is copied
@@ -275,15 +362,19 @@ cdef class PagePool:
             PoolFullError: fewer free pages than the append needs.
         """
         cdef int64_t sid = _seq_id(seq), n, need = 0
-        cdef int rc
-        ka, va = self._rows(k, "k"), self._rows(v, "v")
-        if ka.shape[0] != va.shape[0]:
-            raise ShapeError(f"v: expected {ka.shape[0]} rows (as k), got {va.shape[0]}")
-        n = ka.shape[0]
-        cdef const char *kp = <const char *>cnp.PyArray_DATA(ka)
-        cdef const char *vp = <const char *>cnp.PyArray_DATA(va)
+        cdef int rc, i
+        ka, ks = self._rows(k, "k", 0)
+        va, vs = self._rows(v, "v", 1)
+        n = ka.shape[0] // (self.num_kv_heads if ks is not None else 1)
+        nv = va.shape[0] // (self.num_kv_heads if vs is not None else 1)
+        if nv != n:
+            raise ShapeError(f"v: expected {n} rows (as k), got {nv}")
+        cdef const char *rows[4]
+        bufs = (ka, va, ks, vs)
+        for i in range(4):
+            rows[i] = NULL if bufs[i] is None else <const char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
         with nogil:
-            rc = cpa_pool_append(self._p, sid, kp, vp, n, &need)
+            rc = cpa_pool_append(self._p, sid, rows, n, &need)
         if rc == CPA_POOL_EFULL:
             raise PoolFullError(
                 f"append: sequence {seq} needs {need} free pages for {n} tokens "
@@ -362,23 +453,32 @@ cdef class PagePool:
 
     def gather(self, seq):
         """Contiguous copies ``(k, v)`` of sequence ``seq``, each
-        ``(seq_len, num_kv_heads, head_dim)`` in the pool dtype. PageError if
-        unknown or freed."""
+        ``(seq_len, num_kv_heads, head_dim)`` in the storage dtype, or float32
+        (dequantised) for low-bit storage. PageError if unknown or freed."""
         cdef int64_t sid = _seq_id(seq), length = 0
-        cdef int rc = CPA_POOL_ERETRY
+        cdef int rc = CPA_POOL_ERETRY, i
         cdef int64_t cap
-        cdef cnp.ndarray k = None, v = None
-        cdef char *kp
-        cdef char *vp
+        cdef char *out[4]
         while rc == CPA_POOL_ERETRY:  # the sequence may grow between calls
-            shape = (length, self.num_kv_heads, self.head_dim)
-            k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
-            kp, vp, cap = <char *>cnp.PyArray_DATA(k), <char *>cnp.PyArray_DATA(v), length
+            bufs = [np.empty((length, self._row_bytes[i]), np.uint8) for i in range(4)]
+            for i in range(4):
+                out[i] = <char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
+            cap = length
             with nogil:
-                rc = cpa_pool_gather(self._p, sid, kp, vp, cap, &length)
+                rc = cpa_pool_gather(self._p, sid, out, cap, &length)
         if rc != CPA_POOL_OK:
             raise _seq_error(rc, seq)
-        return k[:length], v[:length]
+        return tuple(self._decode(bufs[i][:length], bufs[2 + i][:length], i) for i in range(2))
+
+    def _decode(self, rows, scales, int i):
+        """Gathered bytes of plane K (0) or V (1) as (n, num_kv_heads, head_dim)."""
+        fmt, n = self._fmt[i], rows.shape[0]
+        if fmt is None:
+            return rows.view(self._page_dtype[i]).reshape((n,) + self._row_shape(i))
+        flat = rows.reshape(n * self.num_kv_heads, -1)
+        sc = scales.view(fmt.scale_dtype).reshape(n * self.num_kv_heads, -1)
+        out = _quant.dequantize_rows(flat, sc, fmt.code, self.head_dim, False)
+        return out.reshape(n, self.num_kv_heads, self.head_dim)
 
     def _seq_ids(self, seqs):
         if isinstance(seqs, np.ndarray):
@@ -441,7 +541,8 @@ cdef class PagePool:
                 at its last position) or, with ``cu_seqlens_q``,
                 ``(total_q, num_heads, head_dim)``: sequence ``b``'s queries are
                 its last ``cu[b+1] - cu[b]`` positions. float32/float64/
-                float16/bfloat16; may differ from the pool dtype.
+                float16/bfloat16; may differ from the storage dtype (low-bit
+                storage needs float32, float16 or bfloat16).
             seqs: ``batch`` sequence ids; their K/V must already include the
                 queries' own tokens (append first).
             cu_seqlens_q, causal, scale, window, softcap, return_lse: as in
@@ -468,7 +569,8 @@ cdef class PagePool:
             lens.flags.writeable = False
             return paged.paged_attention(q, self.k_pages, self.v_pages, table, lens,
                                          cu_seqlens_q=cu_seqlens_q, causal=causal, scale=scale,
-                                         window=window, softcap=softcap, return_lse=return_lse)
+                                         window=window, softcap=softcap, return_lse=return_lse,
+                                         k_scale=self.k_scales, v_scale=self.v_scales)
         finally:
             self._unpin(table, lens)
 

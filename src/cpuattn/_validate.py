@@ -94,7 +94,10 @@ def kv_scale(scale, fmt, rows_shape, head_dim, name):
     """A checked scale for codes of format fmt: (contiguous array, per_tensor).
 
     int8/int4: an array of exactly scale_shape() and fmt.scale_dtype. fp8:
-    also a Python/numpy real number (one scale for the whole tensor)."""
+    also a Python/numpy real number (one scale for the whole tensor; None
+    means 1.0)."""
+    if fmt.name.startswith("float8") and scale is None:
+        scale = 1.0   # per tensor, as vLLM's default k_scale
     if fmt.name.startswith("float8") and isinstance(scale, numbers.Real) \
             and not isinstance(scale, (bool, np.bool_)):
         if not math.isfinite(scale) or scale < 0:
@@ -146,6 +149,8 @@ class Call(NamedTuple):
     kv_heads: int
     head_dim: int
     head_dim_v: int
+    k_scale: "np.ndarray | None" = None   # low-bit pages: their scales (kv_scale)
+    v_scale: "np.ndarray | None" = None
 
 
 def compute_dtype(dtype):
@@ -315,7 +320,7 @@ def _same_dtype(q, k, v):
         dtype_code(a, name)
         if a.dtype != q.dtype:
             raise DTypeError(f"{name}: expected the dtype of q ({q.dtype}), got {a.dtype}")
-    if not kernel_available(code, code):
+    if not kernel_available(code, code, code):
         raise DTypeError(f"q: no kernel for dtype {q.dtype}")
 
 
@@ -378,20 +383,41 @@ def packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, soft
     return Call(q, k, v, "packed", seqs, opts, None, *dims)
 
 
-def pages(k_pages, v_pages):
-    """Validated page arrays (num_pages, page_size, Hkv, D) of one dtype."""
-    k_pages, v_pages = as_array(k_pages, "k_pages"), as_array(v_pages, "v_pages")
+def pages(k_pages, v_pages, low_bit=False):
+    """Validated page arrays (num_pages, page_size, Hkv, D or D // 2 for
+    int4); one float dtype, or with low_bit any float or low-bit dtype each."""
+    k_pages = as_array(k_pages, "k_pages", kv=low_bit)
+    v_pages = as_array(v_pages, "v_pages", kv=low_bit)
     check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
     check_ndim(v_pages, "v_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
-    dtype_code(k_pages, "k_pages")
-    if v_pages.dtype != k_pages.dtype:
-        raise DTypeError(f"v_pages: expected the dtype of k_pages ({k_pages.dtype}), "
-                         f"got {v_pages.dtype}")
+    if not low_bit:
+        dtype_code(k_pages, "k_pages")
+        if v_pages.dtype != k_pages.dtype:
+            raise DTypeError(f"v_pages: expected the dtype of k_pages ({k_pages.dtype}), "
+                             f"got {v_pages.dtype}")
     if v_pages.shape[:3] != k_pages.shape[:3]:
         raise ShapeError(f"v_pages: expected (num_pages, page_size, num_kv_heads) "
                          f"{k_pages.shape[:3]} (as k_pages), got {v_pages.shape[:3]}")
     check_page_size(k_pages, "k_pages")
     return k_pages, v_pages
+
+
+def page_head_dim(pages):
+    """head_dim of page rows: twice the last axis for int4 pairs."""
+    fmt = kv_format_of(pages)
+    return pages.shape[-1] * (2 if fmt is not None and fmt.group else 1)
+
+
+def page_scale(scale, pages, name, pname):
+    """The checked scale of pages (None for float pages), see kv_scale."""
+    fmt = kv_format_of(pages)
+    if fmt is None:
+        if scale is not None:
+            raise ShapeError(f"{name}: {pname} are {pages.dtype}, which takes no scale; "
+                             f"got {type(scale).__name__}")
+        return None
+    arr, _ = kv_scale(scale, fmt, pages.shape[:3], page_head_dim(pages), name)
+    return arr
 
 
 def check_page_size(pages, name):
@@ -459,29 +485,49 @@ def _paged_queries(q, cu_seqlens_q, lens):
 
 
 def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale, window,
-               softcap, *, any_float_pages=False):
-    """The Call of the paged API: q (Tq, H, D) over pages (P, page_size, Hkv, D).
+               softcap, *, k_scale=None, v_scale=None, any_float_pages=False):
+    """The Call of the paged API: q (Tq, H, D) over pages (P, page_size, Hkv, D),
+    float or low-bit (with their scales; K and V types chosen apart).
 
-    any_float_pages: accept every (q, pages) dtype pair the backward can
-    convert (float64 still pairs only with float64), not only those with a
-    forward kernel."""
+    any_float_pages: the backward's form: float pages of q's dtype family
+    (float64 pairs only with float64), converted by the caller, no scales."""
     q = as_array(q, "q")
     check_ndim(q, "q", 3, "(tokens, num_heads, head_dim)")
-    k_pages, v_pages = pages(k_pages, v_pages)
-    q_code, kv_code = dtype_code(q, "q"), dtype_code(k_pages, "k_pages")
-    paired = ((q.dtype == np.float64) == (k_pages.dtype == np.float64)) if any_float_pages \
-        else kernel_available(q_code, kv_code)
-    if not paired:
-        raise DTypeError(f"k_pages: no kernel for q {q.dtype} over {k_pages.dtype} pages "
-                         "(float64 q needs float64 pages and vice versa)")
-    dims = _head_dims(q, k_pages, v_pages, 1, "k_pages", "v_pages")
+    k_pages, v_pages = pages(k_pages, v_pages, low_bit=not any_float_pages)
+    q_code = dtype_code(q, "q")
+    for name, p in (("k_pages", k_pages), ("v_pages", v_pages)):
+        code = _CODES[kv_name(p)]
+        if any_float_pages:
+            paired = (q.dtype == np.float64) == (p.dtype == np.float64)
+        else:
+            paired = kernel_available(q_code, code, code)
+        if not paired:
+            raise DTypeError(f"{name}: no kernel for q {q.dtype} over {kv_name(p)} pages "
+                             "(float64 q needs float64 pages and vice versa; low-bit pages "
+                             "need a float32, float16 or bfloat16 q)")
+    ks = page_scale(k_scale, k_pages, "k_scale", "k_pages")
+    vs = page_scale(v_scale, v_pages, "v_scale", "v_pages")
+    h, d = q.shape[1], q.shape[-1]
+    hkv, dk, dv = k_pages.shape[2], page_head_dim(k_pages), page_head_dim(v_pages)
+    if dk != d:
+        raise ShapeError(f"k_pages: expected head_dim {d} (as q), got {dk}"
+                         + (f" ({k_pages.shape[-1]} bytes of int4 pairs)" if dk != k_pages.shape[-1] else ""))
+    if d < 1 or dv < 1:
+        raise ShapeError(f"q/v_pages: head_dim must be >= 1, got {d} and {dv}")
+    check_heads(h, hkv)
     num_pages, page_size = k_pages.shape[:2]
     bt, lens = block_table(table, seq_lens, num_pages, page_size)
     cuq = _paged_queries(q, cu_seqlens_q, lens)
-    opts = check_options(scale, window, softcap, causal, dims[2])
+    opts = check_options(scale, window, softcap, causal, d)
     q_start = cuq[:-1].copy()
     seqs = Sequences(q_start, q_start, np.diff(cuq), lens)   # k_start: unused for pages
-    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, *dims)
+    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, h, hkv, d, dv, ks, vs)
+
+
+def kv_name(pages):
+    """The engine's name of a page array's storage dtype (uint8: int4)."""
+    fmt = kv_format_of(pages)
+    return fmt.name if fmt is not None else pages.dtype.name
 
 
 def outputs(call, out, return_lse):

@@ -31,6 +31,10 @@ enum cpa_dtype { CPA_DTYPES(CPA_DTYPE_ENUM_) CPA_DTYPE_COUNT };
 #define CPA_KIND_F64 1
 #define CPA_KIND_F16 2
 #define CPA_KIND_BF16 3
+#define CPA_KIND_I8 4
+#define CPA_KIND_I4 5
+#define CPA_KIND_E4M3 6
+#define CPA_KIND_E5M2 7
 
 const char *cpa_dtype_name(int code);   /* NULL outside the table */
 int cpa_dtype_bits(int code);           /* 0 outside the table */

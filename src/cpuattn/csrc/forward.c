@@ -11,6 +11,7 @@
 #include "forward.h"
 #include "half.h"
 #include "platform.h"
+#include "quant.h"
 
 /* Blocking constants. Shapes only, never thread counts. */
 #define CPA_BK 64            /* keys per tile */
@@ -93,11 +94,12 @@ static inline void cpa_prefetch_bytes(const void *p, int64_t bytes)
 }
 
 typedef struct {
-    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, pp, total;
+    size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, vsraw, ksraw, vfix,
+        pp, total;
 } cpa_tiled_layout;
 
 typedef struct {
-    size_t qs, sc, o, m, l, krow, vrow, total;
+    size_t qs, sc, o, m, l, row, srow, total;
     int64_t qstride, scstride;
 } cpa_decode_layout;
 
@@ -123,13 +125,17 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->fix = cpa_take(&at, CPA_BK * sizeof(int64_t));
     L->vraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->kraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->vsraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->ksraw = cpa_take(&at, CPA_BK * sizeof(void *));
+    L->vfix = cpa_take(&at, CPA_BK * sizeof(void *));
     L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
     L->total = at;
 }
 
 /* Decode scratch: rows R = head-in-item * M + r of q (pre-scaled), scores
  * (keys of one split), the output accumulator, running max and sum; row
- * addresses of the item's keys for its first kv head. */
+ * addresses of the item's keys for its first kv head, and of their scales
+ * (K in pass 1, V in pass 2). */
 static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layout *L)
 {
     const int64_t rows = cpa_dec_heads(a) * CPA_DEC_MAX_M, split = cpa_split_keys(a, 1);
@@ -141,8 +147,8 @@ static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layo
     L->o = cpa_take(&at, (size_t)(rows * a->head_dim_v) * tsize);
     L->m = cpa_take(&at, (size_t)rows * tsize);
     L->l = cpa_take(&at, (size_t)rows * tsize);
-    L->krow = cpa_take(&at, (size_t)split * sizeof(void *));
-    L->vrow = cpa_take(&at, (size_t)split * sizeof(void *));
+    L->row = cpa_take(&at, (size_t)split * sizeof(void *));
+    L->srow = cpa_take(&at, (size_t)split * sizeof(void *));
     L->total = at;
 }
 
@@ -253,23 +259,29 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
 #define CPA_FWD_ROW_(e, tag, name, feats, fallback) [e] = fwd_kernels_##tag,
 static const cpa_fwd_item_fn *const cpa_fwd_table[CPA_ISA_COUNT] = { CPA_ISAS(CPA_FWD_ROW_) };
 
+static int cpa_valid_dtype(int code) { return code >= 0 && code < CPA_DTYPE_COUNT; }
+
 cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
 {
-    if (isa < 0 || isa >= CPA_ISA_COUNT || a->kv_dtype < 0 || a->kv_dtype >= CPA_DTYPE_COUNT)
+    if (isa < 0 || isa >= CPA_ISA_COUNT || !cpa_valid_dtype(a->q_dtype) ||
+        !cpa_valid_dtype(a->k_dtype) || !cpa_valid_dtype(a->v_dtype))
         return 0;
-    const int q64 = a->q_dtype == CPA_F64, kv64 = a->kv_dtype == CPA_F64;
-    if (q64 != kv64)
+    if (cpa_dtype_bits(a->q_dtype) < 16)
+        return 0;   /* low-bit types are KV storage only */
+    const int q64 = a->q_dtype == CPA_F64;
+    if ((a->k_dtype == CPA_F64) != q64 || (a->v_dtype == CPA_F64) != q64)
         return 0;   /* float64 compute needs float64 everywhere */
-    /* the bf16-pair Q K^T needs Q in bfloat16 too (rounding a float32 Q to
-     * bf16 would lose precision the caller asked for) */
 #if CPA_HAVE_BF16_TARGET
-    if (isa == CPA_ISA_AVX512BF16 && a->q_dtype != CPA_BF16)
+    /* the bf16-pair products need Q, K and V in bfloat16 (rounding a
+     * float32 Q to bf16 would lose precision the caller asked for) */
+    if (isa == CPA_ISA_AVX512BF16 &&
+        !(a->q_dtype == CPA_BF16 && a->k_dtype == CPA_BF16 && a->v_dtype == CPA_BF16))
         isa = cpa_isa_fallback(isa);
 #endif
-    /* a path without its own kernel for this dtype takes its fallback's */
-    while (!cpa_fwd_table[isa][a->kv_dtype] && isa != CPA_ISA_SCALAR)
+    /* a path without its own kernel for this compute type takes its fallback's */
+    while (!cpa_fwd_table[isa][q64] && isa != CPA_ISA_SCALAR)
         isa = cpa_isa_fallback(isa);
-    return cpa_fwd_table[isa][a->kv_dtype];
+    return cpa_fwd_table[isa][q64];
 }
 
 void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,

@@ -4,7 +4,10 @@
  * query tokens (its last q_len[b] positions) at rows q_start[b] + t of q,
  * out and lse, and k_len[b] keys at rows k_start[b] + j of k and v (see
  * cpa_rows in engine.h). With a block table, key j of sequence b is slot
- * j % page_size of page block_table[b*bt_stride + j / page_size]. The facade
+ * j % page_size of page block_table[b*bt_stride + j / page_size]. K and V
+ * may have different storage types; low-bit rows (int8, int4, fp8) have
+ * scales, addressed like their rows (k_scale, v_scale: row (page, slot,
+ * head) of scales; seq = tok = head = 0 for one per-tensor scale). The facade
  * validates everything before the engine runs: the kernels trust their input.
  *
  * Work is split into items (sequence, kv heads, query block, kv split): the
@@ -24,7 +27,8 @@ typedef struct {
     cpa_rows q, k, v, out;
     cpa_rows lse;                   /* float32, or float64 for float64 input; data may be NULL */
     int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v;
-    int32_t q_dtype, kv_dtype;      /* enum cpa_dtype (engine.h) */
+    cpa_rows k_scale, v_scale;      /* float32 (int8, fp8) or float16 (int4); data NULL: none */
+    int32_t q_dtype, k_dtype, v_dtype;   /* enum cpa_dtype (engine.h) */
     double scale, softcap;          /* softcap 0 = off */
     cpa_mask mask;
     int64_t num_seqs;
@@ -56,7 +60,8 @@ size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a);
 
 typedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *scratch,
                                 char *partials);
-/* Kernel for this call's dtypes on SIMD path `isa`; NULL if unsupported. */
+/* Kernel for this call's dtypes on SIMD path `isa` (or the path that fills
+ * in for it); NULL if no kernel takes this dtype combination. */
 cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa);
 void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,
                        char *scratch);  /* scratch: (nsplit + head_dim_v) doubles */

@@ -41,8 +41,7 @@ static char *alloc_aligned(size_t bytes, void **raw)
     return p;
 }
 
-cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
-                       int64_t head_dim, int64_t itemsize)
+cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t row_bytes[CPA_PLANES])
 {
     cpa_pool *p = calloc(1, sizeof(*p));
     if (!p)
@@ -50,18 +49,19 @@ cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_head
     LOCK_INIT(&p->lock);
     p->num_pages = num_pages;
     p->page_size = page_size;
-    p->num_kv_heads = num_kv_heads;
-    p->head_dim = head_dim;
-    p->itemsize = itemsize;
-    p->row_bytes = num_kv_heads * head_dim * itemsize;
-    p->page_bytes = page_size * p->row_bytes;
-    size_t bytes = (size_t)num_pages * (size_t)p->page_bytes;
-    p->k = alloc_aligned(bytes, &p->k_raw);
-    p->v = p->k ? alloc_aligned(bytes, &p->v_raw) : NULL;
+    int ok = 1;
+    for (int i = 0; i < CPA_PLANES; i++) {
+        p->row_bytes[i] = row_bytes[i];
+        p->page_bytes[i] = page_size * row_bytes[i];
+        if (row_bytes[i] > 0) {
+            p->plane[i] = alloc_aligned((size_t)num_pages * (size_t)p->page_bytes[i], &p->plane_raw[i]);
+            ok &= p->plane[i] != NULL;
+        }
+    }
     p->free_stack = malloc((size_t)num_pages * sizeof(int32_t));
     p->refcount = calloc((size_t)num_pages, sizeof(int32_t));
     p->pins = calloc((size_t)num_pages, sizeof(int32_t));
-    if (!p->k || !p->v || !p->free_stack || !p->refcount || !p->pins) {
+    if (!ok || !p->free_stack || !p->refcount || !p->pins) {
         cpa_pool_destroy(p);
         return NULL;
     }
@@ -79,8 +79,8 @@ void cpa_pool_destroy(cpa_pool *p)
     for (int64_t i = 0; i < p->num_seqs; i++)
         free(p->seqs[i].pages);
     free(p->seqs);
-    free(p->k_raw);
-    free(p->v_raw);
+    for (int i = 0; i < CPA_PLANES; i++)
+        free(p->plane_raw[i]);
     free(p->free_stack);
     free(p->refcount);
     free(p->pins);
@@ -166,29 +166,31 @@ static int new_seq(cpa_pool *p, int64_t *seq_out)
     return CPA_POOL_OK;
 }
 
-/* Copy n rows between a sequence's pages (starting at token `pos`) and a
- * contiguous buffer; to_pages picks the direction. memmove: the caller may
- * pass a view of the pool's own storage. */
-static void copy_rows(cpa_pool *p, const cpa_seq *s, int64_t pos, int64_t n, char *k, char *v,
+/* Copy n rows between a sequence's pages (starting at token `pos`) and one
+ * contiguous buffer per plane; to_pages picks the direction. memmove: the
+ * caller may pass a view of the pool's own storage. */
+static void copy_rows(cpa_pool *p, const cpa_seq *s, int64_t pos, int64_t n, char *const buf[CPA_PLANES],
                       int to_pages)
 {
-    while (n > 0) {
-        int64_t slot = pos % p->page_size, cnt = p->page_size - slot;
-        if (cnt > n)
-            cnt = n;
-        size_t off = (size_t)s->pages[pos / p->page_size] * p->page_bytes + slot * p->row_bytes;
-        size_t bytes = (size_t)(cnt * p->row_bytes);
-        if (to_pages) {
-            memmove(p->k + off, k, bytes);
-            memmove(p->v + off, v, bytes);
-        } else {
-            memcpy(k, p->k + off, bytes);
-            memcpy(v, p->v + off, bytes);
+    for (int i = 0; i < CPA_PLANES; i++) {
+        if (!p->plane[i])
+            continue;
+        char *b = buf[i];
+        for (int64_t at = pos, left = n; left > 0;) {
+            int64_t slot = at % p->page_size, cnt = p->page_size - slot;
+            if (cnt > left)
+                cnt = left;
+            char *pg = p->plane[i] + (size_t)s->pages[at / p->page_size] * p->page_bytes[i] +
+                       slot * p->row_bytes[i];
+            size_t bytes = (size_t)(cnt * p->row_bytes[i]);
+            if (to_pages)
+                memmove(pg, b, bytes);
+            else
+                memcpy(b, pg, bytes);
+            b += bytes;
+            at += cnt;
+            left -= cnt;
         }
-        k += bytes;
-        v += bytes;
-        pos += cnt;
-        n -= cnt;
     }
 }
 
@@ -229,7 +231,7 @@ int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out)
     return rc;
 }
 
-int cpa_pool_append(cpa_pool *p, int64_t seq, const char *k, const char *v, int64_t n,
+int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const rows[CPA_PLANES], int64_t n,
                     int64_t *need_out)
 {
     cpa_seq *s;
@@ -257,15 +259,17 @@ int cpa_pool_append(cpa_pool *p, int64_t seq, const char *k, const char *v, int6
         goto out;
     if (cow) {
         int32_t old = s->pages[s->npages - 1], pg = take_page(p);
-        size_t bytes = (size_t)((len % p->page_size) * p->row_bytes);
-        memcpy(p->k + (size_t)pg * p->page_bytes, p->k + (size_t)old * p->page_bytes, bytes);
-        memcpy(p->v + (size_t)pg * p->page_bytes, p->v + (size_t)old * p->page_bytes, bytes);
+        for (int i = 0; i < CPA_PLANES; i++)
+            if (p->plane[i])
+                memcpy(p->plane[i] + (size_t)pg * p->page_bytes[i],
+                       p->plane[i] + (size_t)old * p->page_bytes[i],
+                       (size_t)((len % p->page_size) * p->row_bytes[i]));
         release_page(p, old);
         s->pages[s->npages - 1] = pg;
     }
     while (s->npages < total)
         s->pages[s->npages++] = take_page(p);
-    copy_rows(p, s, len, n, (char *)k, (char *)v, 1);
+    copy_rows(p, s, len, n, (char *const *)rows, 1);
     s->len = len + n;
 out:
     UNLOCK(&p->lock);
@@ -354,7 +358,7 @@ int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t 
     return rc;
 }
 
-int cpa_pool_gather(cpa_pool *p, int64_t seq, char *k_out, char *v_out, int64_t cap,
+int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const out[CPA_PLANES], int64_t cap,
                     int64_t *len_out)
 {
     cpa_seq *s;
@@ -365,7 +369,7 @@ int cpa_pool_gather(cpa_pool *p, int64_t seq, char *k_out, char *v_out, int64_t 
         if (cap < s->len)
             rc = CPA_POOL_ERETRY;
         else
-            copy_rows(p, s, 0, s->len, k_out, v_out, 0);
+            copy_rows(p, s, 0, s->len, out, 0);
     }
     UNLOCK(&p->lock);
     return rc;

@@ -39,11 +39,16 @@ typedef struct {
     int32_t npages, cap;
 } cpa_seq;
 
+/* The storage planes of a pool, each (num_pages, page_size, row) bytes:
+ * K and V rows, and the scales of low-bit K and V rows (absent, row 0
+ * bytes, for float storage). Every page operation moves all planes. */
+enum { CPA_PLANE_K, CPA_PLANE_V, CPA_PLANE_KS, CPA_PLANE_VS, CPA_PLANES };
+
 typedef struct {
-    int64_t num_pages, page_size, num_kv_heads, head_dim, itemsize;
-    int64_t row_bytes, page_bytes;
-    char *k, *v;              /* aligned storage */
-    void *k_raw, *v_raw;      /* what to free() */
+    int64_t num_pages, page_size;
+    int64_t row_bytes[CPA_PLANES], page_bytes[CPA_PLANES];
+    char *plane[CPA_PLANES];      /* aligned storage, NULL for an absent plane */
+    void *plane_raw[CPA_PLANES];  /* what to free() */
     int32_t *free_stack;      /* free page ids; top at num_free - 1 */
     int64_t num_free;
     int32_t *refcount;        /* chain references + pins */
@@ -53,26 +58,28 @@ typedef struct {
     cpa_mutex lock;
 } cpa_pool;
 
-cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_kv_heads,
-                       int64_t head_dim, int64_t itemsize);
+/* A pool of num_pages pages of page_size tokens; row_bytes: one token's
+ * bytes in each plane (all heads), 0 for an absent plane. */
+cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t row_bytes[CPA_PLANES]);
 void cpa_pool_destroy(cpa_pool *p);
 
 int64_t cpa_pool_num_free(cpa_pool *p);
 int64_t cpa_pool_num_alive(cpa_pool *p);
 int cpa_pool_create_seq(cpa_pool *p, int64_t *seq_out);
 int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out);
-/* Append n rows from contiguous k, v (pool dtype). On CPA_POOL_EFULL,
- * *need_out is the number of free pages the call needed. */
-int cpa_pool_append(cpa_pool *p, int64_t seq, const char *k, const char *v, int64_t n,
+/* Append n rows from contiguous buffers, one per plane (the pool's bytes;
+ * NULL for an absent plane). On CPA_POOL_EFULL, *need_out is the number of
+ * free pages the call needed. */
+int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const rows[CPA_PLANES], int64_t n,
                     int64_t *need_out);
 int cpa_pool_fork(cpa_pool *p, int64_t seq, int64_t *seq_out);
 int cpa_pool_truncate(cpa_pool *p, int64_t seq, int64_t length, int64_t *len_out);
 int cpa_pool_free_seq(cpa_pool *p, int64_t seq);
 /* Copy the chain into out[cap]; CPA_POOL_ERETRY if cap < *npages_out. */
 int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t *npages_out);
-/* Copy the sequence's rows into k_out, v_out (room for cap rows);
+/* Copy the sequence's rows into one buffer per plane (room for cap rows);
  * CPA_POOL_ERETRY if cap < *len_out. */
-int cpa_pool_gather(cpa_pool *p, int64_t seq, char *k_out, char *v_out, int64_t cap,
+int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const out[CPA_PLANES], int64_t cap,
                     int64_t *len_out);
 /* Fill table (n x width, unused slots -1) and lens for the listed sequences;
  * CPA_POOL_ERETRY if width < *width_out (= max(1, longest chain)). With pin,

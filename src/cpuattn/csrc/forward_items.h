@@ -1,0 +1,335 @@
+/* The forward item kernels of one (ISA, compute type T), over any K and V
+ * storage types: they reach the rows through TN(kv_table) (forward_isa.h),
+ * by the call's k_dtype and v_dtype. Included by forward_isa.h after the
+ * storage layers.
+ *
+ * Two item kernels:
+ *  - tiled: flash attention on (query block x key tile) with the two tile
+ *    products as register-blocked micro-kernels. Scores are kept transposed
+ *    (keys x query rows) so the online softmax, the masks and the rescaling
+ *    all run along vector lanes of query rows. Rows not stored as T are
+ *    converted (dequantised) one key tile at a time into L1 scratch.
+ *  - decode: few query rows (decode, small GQA groups); each key row is
+ *    loaded once for all the query heads of its group, straight from the
+ *    pages (forward_kv.h).
+ */
+
+/* Row addresses of keys j0 .. j0+n-1 of sequence b, kv head kvh, in x, and
+ * of their scales in xs (into sout, when the type has scales). */
+static void TN(tile_rows)(const cpa_fwd_args *a, int dtype, int64_t b, int64_t kvh,
+                          const cpa_rows *x, const cpa_rows *xs, int64_t j0, int64_t n,
+                          const void **out, const void **sout)
+{
+    const TN(kv_ops) *ops = &TN(kv_table)[dtype];
+    const int64_t bsz = cpa_max(cpa_dtype_bits(dtype) / 8, 1);   /* int4: the array's elements are bytes */
+    cpa_kv_rows(a, b, (const char *)x->data + (cpa_kv_seq(a, x, b) + kvh * x->head) * bsz, (size_t)bsz,
+                x->tok, x->seq, j0, n, out);
+    if (ops->scale_bytes)
+        cpa_kv_rows(a, b, (const char *)xs->data + (cpa_kv_seq(a, xs, b) + kvh * xs->head) * ops->scale_bytes,
+                    (size_t)ops->scale_bytes, xs->tok, xs->seq, j0, n, sout);
+}
+
+#if CPA_HAS_DPBF16
+/* whether bf16 row p of n elements is all finite */
+static inline int TN(bf16_finite)(const uint16_t *p, int64_t n)
+{
+    for (int64_t d = 0; d < n; d++)
+        if ((p[d] & 0x7f80) == 0x7f80) return 0;
+    return 1;
+}
+#endif
+
+static inline int TN(row_finite)(const T *p, int64_t n)
+{
+    for (int64_t d = 0; d < n; d++)
+        if (!(p[d] - p[d] == 0)) return 0;
+    return 1;
+}
+
+static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
+{
+    const int64_t b = it->seq, kvh = it->kvh;
+    const int64_t nq = a->q_len[b], Sk = a->k_len[b];
+    const int64_t g = a->num_heads / a->num_kv_heads, bq = cpa_block_tokens(g);
+    const int64_t t0 = (int64_t)it->qblock * bq, nt = cpa_min(bq, nq - t0);
+    const int64_t M = nt * g, Mp = cpa_roundup(M, NVL);
+    const int64_t Dk = a->head_dim_qk, Dv = a->head_dim_v;
+
+    cpa_tiled_layout L;
+    cpa_tiled_plan(a, sizeof(T), &L);
+    T *QT = (T *)(scratch + L.qt), *ST = (T *)(scratch + L.st), *OT = (T *)(scratch + L.ot);
+    T *m = (T *)(scratch + L.m), *l = (T *)(scratch + L.l), *alpha = (T *)(scratch + L.alpha);
+    TN(ielem) *lo = (TN(ielem) *)(scratch + L.lo), *hi = (TN(ielem) *)(scratch + L.hi);
+    const T **krow = (const T **)(scratch + L.krow), **vrow = (const T **)(scratch + L.vrow);
+    T *kc = (T *)(scratch + L.kc), *vc = (T *)(scratch + L.vc), *zero = (T *)(scratch + L.zero);
+    int64_t *fix = (int64_t *)(scratch + L.fix);
+    const void **vraw = (const void **)(scratch + L.vraw), **kraw = (const void **)(scratch + L.kraw);
+    const void **vsraw = (const void **)(scratch + L.vsraw), **ksraw = (const void **)(scratch + L.ksraw);
+    const T **vfix = (const T **)(scratch + L.vfix);
+#if CPA_HAS_DPBF16
+    uint32_t *QP = (uint32_t *)QT;   /* ceil(Dk/2) rows of Mp bf16 pairs: fits in Q^T */
+#endif
+
+    /* Q^T, pre-scaled; rows r = t * g + head-in-group; padding lanes are 0. */
+    memset(QT, 0, (size_t)(Dk * Mp) * sizeof(T));
+    int64_t ilo = 0, ihi = Sk - 1;   /* keys every real row sees */
+    for (int64_t r = 0; r < Mp; r++) {
+        if (r < M) {
+            int64_t t = t0 + r / g, head = kvh * g + r % g, rl, rh;
+#if CPA_HAS_DPBF16
+            /* bf16 Q as (d, d+1) pairs, unscaled (mk_rows_bf16 scales) */
+            const uint16_t *qr = (const uint16_t *)a->q.data + cpa_at(&a->q, b, a->q_start[b] + t, head);
+            for (int64_t d = 0; d < Dk; d += 2)
+                QP[d / 2 * Mp + r] = qr[d] | (d + 1 < Dk ? (uint32_t)qr[d + 1] << 16 : 0);
+#else
+            RN_CALL(load_q_row)(a, cpa_at(&a->q, b, a->q_start[b] + t, head), QT + r, Mp, (T)a->scale);
+#endif
+            cpa_visible_keys(&a->mask, nq, Sk, t, &rl, &rh);
+            lo[r] = (TN(ielem))rl; hi[r] = (TN(ielem))rh;
+            if (rl > ilo) ilo = rl;
+            if (rh < ihi) ihi = rh;
+        } else {
+            lo[r] = 1; hi[r] = 0;
+        }
+        m[r] = -INFINITY; l[r] = 0;
+    }
+    memset(OT, 0, (size_t)(Dv * Mp) * sizeof(T));
+    /* scratch is malloc'ed: the zero row must be written, it stands in for
+     * padded keys and for hidden non-finite value rows in the products */
+    memset(zero, 0, (size_t)cpa_max(Dk, Dv) * sizeof(T));
+    for (int64_t i = 0; i < CPA_BK_PAD; i++) krow[i] = zero;
+
+    const T cap = (T)a->softcap;
+    for (int64_t j0 = it->key_lo - it->key_lo % CPA_BK; j0 <= it->key_hi; j0 += CPA_BK) {
+        const int64_t jhi = cpa_min(j0 + CPA_BK - 1, it->key_hi), n = jhi - j0 + 1;
+        const int full = (j0 >= ilo && jhi <= ihi);
+        TN(tile_rows)(a, a->k_dtype, b, kvh, &a->k, &a->k_scale, j0, n, kraw, ksraw);
+        TN(tile_rows)(a, a->v_dtype, b, kvh, &a->v, &a->v_scale, j0, n, vraw, vsraw);
+        for (int64_t i = 0; i < n; i++) {
+#if CPA_HAS_DPBF16
+            /* K stays bf16; an odd row gets a 0 pad so its last pair is not
+             * read past the row (the next element may be NaN or unmapped) */
+            if (Dk % 2) {
+                uint16_t *kp = (uint16_t *)kc + i * (Dk + 1);
+                memcpy(kp, kraw[i], (size_t)Dk * sizeof(uint16_t));
+                kp[Dk] = 0;
+                krow[i] = (const T *)kp;
+            } else {
+                krow[i] = (const T *)kraw[i];
+            }
+            vrow[i] = (const T *)vraw[i];   /* paired with the next row before P V */
+#else
+            krow[i] = TN(kv_table)[a->k_dtype].to_t(kraw[i], ksraw[i], Dk, kc + i * Dk);
+            vrow[i] = TN(kv_table)[a->v_dtype].to_t(vraw[i], vsraw[i], Dv, vc + i * Dv);
+#endif
+        }
+        for (int64_t i = n; i < CPA_BK_PAD; i++) krow[i] = zero;
+
+        /* S^T = K Q^T: key rows x query lanes */
+        const int64_t nkp = cpa_roundup(n, MR);
+        for (int64_t i0 = 0; i0 < nkp; i0 += MR)
+            for (int64_t c = 0; c < Mp; c += NVL)
+#if CPA_HAS_DPBF16
+                TN(mk_rows_bf16)(Dk, (const uint16_t *const *)(krow + i0), QP + c, Mp,
+                                 ST + i0 * Mp + c, Mp, (T)a->scale);
+#else
+                TN(mk_rows)(Dk, krow + i0, QT + c, Mp, ST + i0 * Mp + c, Mp);
+#endif
+
+        /* softcap first, then the mask (a capped -inf would become finite) */
+        if (cap > 0)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t c = 0; c < Mp; c += VL)
+                    TN(vst)(ST + i * Mp + c, cap * TN(vtanh)(TN(vld)(ST + i * Mp + c) / cap));
+        if (!full)
+            for (int64_t i = 0; i < n; i++) {
+                VI jv = TN(viset1)((TN(ielem))(j0 + i));
+                for (int64_t c = 0; c < Mp; c += VL) {
+                    VI lv, hv;
+                    memcpy(&lv, lo + c, sizeof lv); memcpy(&hv, hi + c, sizeof hv);
+                    V s = TN(vld)(ST + i * Mp + c);
+                    TN(vst)(ST + i * Mp + c, TN(vsel)((jv < lv) | (jv > hv), TN(vset1)(-INFINITY), s));
+                }
+            }
+
+        /* online softmax along the query lanes */
+        int rescale = 0;
+        for (int64_t c = 0; c < Mp; c += VL) {
+            V mx = TN(vset1)(-INFINITY);
+            for (int64_t i = 0; i < n; i++) mx = TN(vmax)(mx, TN(vld)(ST + i * Mp + c));
+            V mold = TN(vld)(m + c), mnew = TN(vmax)(mold, mx);
+            /* a row with no visible key yet keeps m = -inf; shift by 0, not -inf */
+            V muse = TN(vsel)(mnew == -INFINITY, TN(vset1)(0), mnew);
+            V al = TN(vexp)(mold - muse), ls = TN(vset1)(0);
+            for (int64_t i = 0; i < n; i++) {
+                V p = TN(vexp)(TN(vld)(ST + i * Mp + c) - muse);
+                TN(vst)(ST + i * Mp + c, p);
+                ls += p;
+            }
+            TN(vst)(l + c, TN(vld)(l + c) * al + ls);
+            TN(vst)(m + c, mnew);
+            TN(vst)(alpha + c, al);
+            rescale |= TN(any)(al != 1);
+        }
+        if (rescale)
+            for (int64_t d = 0; d < Dv; d++)
+                for (int64_t c = 0; c < Mp; c += VL)
+                    TN(vst)(OT + d * Mp + c, TN(vld)(OT + d * Mp + c) * TN(vld)(alpha + c));
+
+        /* 0 * NaN is NaN: a non-finite value row hidden from some query rows
+         * must not enter the shared product; add it only where it is seen. */
+        int64_t nfix = 0;
+        if (!full)
+            for (int64_t i = 0; i < n; i++) {
+                if (j0 + i >= ilo && j0 + i <= ihi) continue;
+#if CPA_HAS_DPBF16
+                if (TN(bf16_finite)((const uint16_t *)vraw[i], Dv)) continue;
+                vfix[nfix] = NULL;
+#else
+                if (TN(row_finite)(vrow[i], Dv)) continue;
+                vfix[nfix] = vrow[i];
+#endif
+                fix[nfix++] = i;
+                vrow[i] = zero;
+            }
+
+        /* O^T += V^T P^T */
+#if CPA_HAS_DPBF16
+        /* on bf16 pairs of keys: P is rounded to bf16 (relative error <= 2^-9
+         * per weight, unbiased; l keeps the fp32 sum), V is bf16 already */
+        uint32_t *VP = (uint32_t *)vc, *PP = (uint32_t *)(scratch + L.pp);
+        const int64_t n2 = (n + 1) / 2;
+        TN(pack_row_pairs)((const uint16_t *const *)vrow, n, Dv, (const uint16_t *)zero, VP);
+        TN(pack_p_pairs)(ST, n, Mp, PP);
+        for (int64_t c = 0; c < Mp; c += NVL) {
+            int64_t d0 = 0;
+            for (; d0 + MR <= Dv; d0 += MR)
+                TN(mk_cols_bf16)(MR, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+            for (; d0 < Dv; d0++)
+                TN(mk_cols_bf16)(1, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
+        }
+#else
+        for (int64_t c = 0; c < Mp; c += NVL) {
+            int64_t d0 = 0;
+            for (; d0 + MR <= Dv; d0 += MR)
+                TN(mk_cols)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c, Mp);
+            for (; d0 < Dv; d0++)
+                TN(mk_cols1)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c);
+        }
+#endif
+        for (int64_t f = 0; f < nfix; f++) {
+            const int64_t i = fix[f], j = j0 + i;
+            for (int64_t r = 0; r < M; r++)
+                if (j >= lo[r] && j <= hi[r])
+                    for (int64_t d = 0; d < Dv; d++)
+#if CPA_HAS_DPBF16
+                        OT[d * Mp + r] += ST[i * Mp + r] * cpa_bf16_to_f32(((const uint16_t *)vraw[i])[d]);
+#else
+                        OT[d * Mp + r] += ST[i * Mp + r] * vfix[f][d];
+#endif
+        }
+    }
+
+    for (int64_t r = 0; r < M; r++) {
+        if (it->slot < 0) {
+            RN_CALL(store_row)(a, b, t0 + r / g, kvh * g + r % g, OT + r, Mp, m[r], l[r]);
+        } else {
+            T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + r * (Dv + 2);
+            for (int64_t d = 0; d < Dv; d++) part[d] = OT[d * Mp + r];
+            part[Dv] = m[r]; part[Dv + 1] = l[r];
+        }
+    }
+}
+
+/* ---- decode kernel ----
+ * An item holds nkvh kv heads x M = g * nq query rows and one split of keys.
+ * Pass 1 (the K type's dec_scores) computes every score; the softmax of
+ * each row then needs no rescaling; pass 2 (the V type's dec_values) reads
+ * V in the same order and accumulates P V into rows that stay in L1. Both
+ * passes prefetch the rows CPA_DEC_AHEAD bytes ahead. Each score and output
+ * element is summed in the same order whatever the blocking, so results do
+ * not depend on the split of work. */
+static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
+{
+    const int64_t b = it->seq, kvh0 = it->kvh, nh = it->nkvh;
+    const int64_t nq = a->q_len[b], Sk = a->k_len[b];
+    const int64_t g = a->num_heads / a->num_kv_heads, M = g * nq, R = nh * M;
+    const int64_t Dv = a->head_dim_v;
+
+    cpa_decode_layout L;
+    cpa_decode_plan(a, sizeof(T), &L);
+    T *mrow = (T *)(scratch + L.m), *lrow = (T *)(scratch + L.l);
+    int64_t lo[CPA_DEC_MAX_M], hi[CPA_DEC_MAX_M], ilo = 0, ihi = Sk - 1;
+    const int64_t k0 = it->key_lo, n = cpa_max(it->key_hi - it->key_lo + 1, 0);
+    TN(dec) c = {
+        .a = a, .b = b, .kvh0 = kvh0, .nh = nh, .M = M, .k0 = k0, .n = n,
+        .qst = L.qstride, .scs = L.scstride,
+        .qs = (T *)(scratch + L.qs), .sc = (T *)(scratch + L.sc), .o = (T *)(scratch + L.o),
+        .row = (const void **)(scratch + L.row), .srow = (const void **)(scratch + L.srow),
+        .lo = lo, .hi = hi,
+    };
+
+    /* keys row r sees (the same for every head), and those every row sees */
+    for (int64_t r = 0; r < M; r++) {
+        cpa_visible_keys(&a->mask, nq, Sk, r / g, &lo[r], &hi[r]);
+        if (lo[r] > ilo) ilo = lo[r];
+        if (hi[r] < ihi) ihi = hi[r];
+    }
+    c.s0 = cpa_min(cpa_max(ilo - k0, 0), n);
+    c.s1 = cpa_max(cpa_min(ihi - k0 + 1, n), c.s0);
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int64_t r = 0; r < M; r++)
+            RN_CALL(load_q_row)(a, cpa_at(&a->q, b, a->q_start[b] + r / g, (kvh0 + hh) * g + r % g),
+                                c.qs + (hh * M + r) * c.qst, 1, (T)a->scale);
+
+    TN(kv_table)[a->k_dtype].scores(&c);
+
+    /* softmax of each row over the split: softcap, mask, max, exp, sum */
+    const int64_t npad = cpa_roundup(n, VL);
+    const T cap = (T)a->softcap;
+    for (int64_t rr = 0; rr < R; rr++) {
+        const int64_t r = rr % M;
+        T *s = c.sc + rr * c.scs;
+        if (cap > 0)
+            for (int64_t i = 0; i < npad; i += VL) TN(vst)(s + i, cap * TN(vtanh)(TN(vld)(s + i) / cap));
+        /* keys [v0, v1) of the split are visible to row r */
+        const int64_t v0 = cpa_min(cpa_max(lo[r] - k0, 0), n), v1 = cpa_max(cpa_min(hi[r] - k0 + 1, n), v0);
+        for (int64_t i = 0; i < v0; i++) s[i] = -INFINITY;
+        for (int64_t i = v1; i < npad; i++) s[i] = -INFINITY;
+        V mx = TN(vset1)(-INFINITY);
+        for (int64_t i = 0; i < npad; i += VL) mx = TN(vmax)(mx, TN(vld)(s + i));
+        T mr = -INFINITY;
+        for (int k = 0; k < VL; k++) if (mx[k] > mr || mx[k] != mx[k]) mr = mx[k];
+        const T muse = (mr == -INFINITY) ? (T)0 : mr;   /* no visible key: all p = 0 */
+        V ls = TN(vset1)(0);
+        for (int64_t i = 0; i < npad; i += VL) {
+            V p = TN(vexp)(TN(vld)(s + i) - muse);
+            TN(vst)(s + i, p);
+            ls += p;
+        }
+        mrow[rr] = mr;
+        lrow[rr] = TN(hsum)(ls);
+    }
+
+    TN(kv_table)[a->v_dtype].values(&c);
+
+    for (int64_t rr = 0; rr < R; rr++) {
+        const int64_t kvh = kvh0 + rr / M, r = rr % M;
+        if (it->slot < 0) {
+            RN_CALL(store_row)(a, b, r / g, kvh * g + r % g, c.o + rr * Dv, 1, mrow[rr], lrow[rr]);
+        } else {
+            T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + rr * (Dv + 2);
+            memcpy(part, c.o + rr * Dv, (size_t)Dv * sizeof(T));
+            part[Dv] = mrow[rr]; part[Dv + 1] = lrow[rr];
+        }
+    }
+}
+
+static void TN(item)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    if (cpa_use_decode(g, a->q_len[it->seq]))
+        TN(decode)(a, it, scratch, partials);
+    else
+        TN(tiled)(a, it, scratch, partials);
+}
