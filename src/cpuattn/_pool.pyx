@@ -475,8 +475,9 @@ cdef class PagePool:
         fmt, n = self._fmt[i], rows.shape[0]
         if fmt is None:
             return rows.view(self._page_dtype[i]).reshape((n,) + self._row_shape(i))
-        flat = rows.reshape(n * self.num_kv_heads, -1)
-        sc = scales.view(fmt.scale_dtype).reshape(n * self.num_kv_heads, -1)
+        flat = rows.reshape(n * self.num_kv_heads, self._row_shape(i)[1])
+        sc = scales.view(fmt.scale_dtype).reshape(n * self.num_kv_heads,
+                                                  int(np.prod(self._scale_row(i))))
         out = _quant.dequantize_rows(flat, sc, fmt.code, self.head_dim, False)
         return out.reshape(n, self.num_kv_heads, self.head_dim)
 

@@ -505,8 +505,6 @@ def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale
             raise DTypeError(f"{name}: no kernel for q {q.dtype} over {kv_name(p)} pages "
                              "(float64 q needs float64 pages and vice versa; low-bit pages "
                              "need a float32, float16 or bfloat16 q)")
-    ks = page_scale(k_scale, k_pages, "k_scale", "k_pages")
-    vs = page_scale(v_scale, v_pages, "v_scale", "v_pages")
     h, d = q.shape[1], q.shape[-1]
     hkv, dk, dv = k_pages.shape[2], page_head_dim(k_pages), page_head_dim(v_pages)
     if dk != d:
@@ -515,6 +513,8 @@ def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale
     if d < 1 or dv < 1:
         raise ShapeError(f"q/v_pages: head_dim must be >= 1, got {d} and {dv}")
     check_heads(h, hkv)
+    ks = page_scale(k_scale, k_pages, "k_scale", "k_pages")
+    vs = page_scale(v_scale, v_pages, "v_scale", "v_pages")
     num_pages, page_size = k_pages.shape[:2]
     bt, lens = block_table(table, seq_lens, num_pages, page_size)
     cuq = _paged_queries(q, cu_seqlens_q, lens)
