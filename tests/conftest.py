@@ -36,6 +36,24 @@ def tol(dtype):
     return dict(atol=atol, rtol=rtol)
 
 
+def assert_lse(lse, ref_lse, dtype=np.float32):
+    """lse against the reference everywhere: -inf exactly where the reference
+    has -inf (rows that see no key), within the dtype's tolerance elsewhere."""
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert lse.shape == ref_lse.shape, (lse.shape, ref_lse.shape)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    seen = ~np.isneginf(ref_lse)
+    np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(dtype))
+
+
+def thread_cap():
+    """The process-wide cap of set_num_threads: get_num_threads() is
+    min(cap, omp_get_max_threads()), so read it with OpenMP's limit raised."""
+    import threadpoolctl
+    with threadpoolctl.threadpool_limits(limits=1 << 30, user_api="openmp"):
+        return cpuattn.get_num_threads()
+
+
 def randn(rng, shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
@@ -115,7 +133,7 @@ def each_isa(request):
 
 @pytest.fixture
 def threads():
-    """Set the thread cap within a test and restore it afterwards."""
-    old = _threads.usable_cpus()
+    """Set the thread cap within a test and restore the previous cap afterwards."""
+    old = thread_cap()
     yield cpuattn.set_num_threads
     cpuattn.set_num_threads(old)
