@@ -1,6 +1,7 @@
 """Shared test helpers: the float64 oracle applied to packed and paged calls,
 tolerances per dtype, and a fixture that runs a test on every SIMD path."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -44,6 +45,18 @@ def assert_lse(lse, ref_lse, dtype=np.float32):
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     seen = ~np.isneginf(ref_lse)
     np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(dtype))
+
+
+def require_tools(*names):
+    """Skip a cross check whose tools (qemu-user, a cross compiler) are not
+    installed; under CPUATTN_REQUIRE_CROSS=1 (CI installs them) fail instead."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = (f"{', '.join(missing)} not installed "
+               f"(apt-get install qemu-user gcc-aarch64-linux-gnu)")
+        if os.environ.get("CPUATTN_REQUIRE_CROSS") == "1":
+            pytest.fail(msg + ", and CPUATTN_REQUIRE_CROSS=1 requires the cross checks")
+        pytest.skip(msg)
 
 
 def thread_cap():
