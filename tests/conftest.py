@@ -1,6 +1,7 @@
 """Shared test helpers: the float64 oracle applied to packed and paged calls,
 tolerances per dtype, and a fixture that runs a test on every SIMD path."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,6 +35,36 @@ TOL = {"float64": (1e-12, 1e-12), "float32": (2e-5, 2e-5), "float16": (3e-3, 3e-
 def tol(dtype):
     atol, rtol = TOL[np.dtype(dtype).name]
     return dict(atol=atol, rtol=rtol)
+
+
+def assert_lse(lse, ref_lse, dtype=np.float32):
+    """lse against the reference everywhere: -inf exactly where the reference
+    has -inf (rows that see no key), within the dtype's tolerance elsewhere."""
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert lse.shape == ref_lse.shape, (lse.shape, ref_lse.shape)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    seen = ~np.isneginf(ref_lse)
+    np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(dtype))
+
+
+def require_tools(*names):
+    """Skip a cross check whose tools (qemu-user, a cross compiler) are not
+    installed; under CPUATTN_REQUIRE_CROSS=1 (CI installs them) fail instead."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = (f"{', '.join(missing)} not installed "
+               f"(apt-get install qemu-user gcc-aarch64-linux-gnu)")
+        if os.environ.get("CPUATTN_REQUIRE_CROSS") == "1":
+            pytest.fail(msg + ", and CPUATTN_REQUIRE_CROSS=1 requires the cross checks")
+        pytest.skip(msg)
+
+
+def thread_cap():
+    """The process-wide cap of set_num_threads: get_num_threads() is
+    min(cap, omp_get_max_threads()), so read it with OpenMP's limit raised."""
+    import threadpoolctl
+    with threadpoolctl.threadpool_limits(limits=1 << 30, user_api="openmp"):
+        return cpuattn.get_num_threads()
 
 
 def randn(rng, shape, dtype=np.float32):
@@ -115,7 +146,7 @@ def each_isa(request):
 
 @pytest.fixture
 def threads():
-    """Set the thread cap within a test and restore it afterwards."""
-    old = _threads.usable_cpus()
+    """Set the thread cap within a test and restore the previous cap afterwards."""
+    old = thread_cap()
     yield cpuattn.set_num_threads
     cpuattn.set_num_threads(old)

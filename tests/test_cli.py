@@ -57,7 +57,9 @@ def test_bench_quick_json(tmp_path):
     assert m["cpuattn"]["simd"] == cpuattn.info()["simd"]
     assert {"cpu_model", "torch", "numpy", "logical_cpus"} <= set(m)
     (run,) = result["runs"]
-    assert run["threads_effective"] >= 1
+    # the default run uses the thread count of a fresh process (`cpuattn info`)
+    info = json.loads(run_cli("info", "--json").stdout)
+    assert run["threads"] == run["threads_effective"] == info["num_threads"]
     assert run["roofline"]["read_bandwidth"]["median_gbps"] > 0
     assert run["roofline"]["gemm"]["median_gflops"] > 0
     (case,) = run["results"]
@@ -68,5 +70,5 @@ def test_bench_quick_json(tmp_path):
         assert entry["status"] in statuses, (name, entry)
         if entry["status"] == "ok":
             assert entry["median_s"] > 0 and len(entry["times_s"]) == entry["reps"]
-    if case["impls"]["cpuattn"]["status"] == "ok":
-        assert case["pct_bandwidth_roofline"] > 0
+    assert case["impls"]["cpuattn"]["status"] == "ok"
+    assert case["pct_bandwidth_roofline"] > 0

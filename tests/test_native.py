@@ -1,13 +1,16 @@
 """The C forward engine without Python (tests/native/attn_check.c): every
 SIMD path of this CPU against a float64 reference, with NaN-filled scratch;
-and the same check cross-compiled for aarch64 under qemu-user when the cross
-toolchain is installed (CI does not install it: tools/check_aarch64.sh)."""
+and the same check cross-compiled for aarch64 under qemu-user
+(tools/check_aarch64.sh). Without the cross toolchain that test skips, or
+fails under CPUATTN_REQUIRE_CROSS=1 (.ci/run installs it and sets that)."""
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from conftest import require_tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "src", "cpuattn", "csrc")
@@ -34,10 +37,19 @@ def test_native_engine_every_simd_path(tmp_path):
     assert "\n0 of " in r.stdout and "FAIL" not in r.stdout, _report(r)
 
 
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
-                    reason="aarch64 cross toolchain / qemu-user not installed")
 def test_aarch64_under_qemu():
+    require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
     r = subprocess.run(["sh", os.path.join(ROOT, "tools", "check_aarch64.sh")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, _report(r)
     assert "\n0 of " in r.stdout and "FAIL" not in r.stdout, _report(r)
+
+
+def test_missing_cross_tools_fail_when_required(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CPUATTN_REQUIRE_CROSS", "1")
+    with pytest.raises(pytest.fail.Exception, match="qemu-aarch64"):
+        require_tools("qemu-aarch64")
+    monkeypatch.delenv("CPUATTN_REQUIRE_CROSS")
+    with pytest.raises(pytest.skip.Exception):
+        require_tools("qemu-aarch64")

@@ -4,6 +4,8 @@ Layouts are token-major (flash-attn style); see the README and each
 function's docstring. Integrations (``cpuattn.torch``,
 ``cpuattn.integrations.hf``) are imported on demand only.
 """
+from typing import Any
+
 from . import _ompenv
 
 _undo = _ompenv.before_load()
@@ -28,7 +30,7 @@ get_num_threads = _threads.get_num_threads
 set_num_threads = _threads.set_num_threads
 
 
-def info():
+def info() -> "dict[str, Any]":
     """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads."""
     import platform
     import sysconfig

@@ -6,10 +6,13 @@ FlashAttention-2 recomputation from the forward's lse: ``P = exp(S - lse)``,
 computes in float32, or float64 for float64 input; float16/bfloat16 inputs
 are converted to float32 here and the gradients converted back.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from . import _backward
 from . import _validate as V
+from ._typing import Array, ArrayLike, Window
 
 
 def _run(call, out, dout, lse):
@@ -30,8 +33,10 @@ def _run(call, out, dout, lse):
     return dq, dk, dv
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
-                       softcap=0.0):
+def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike,
+                       lse: ArrayLike, *, causal: bool = False, scale: float | None = None,
+                       window: Window = (-1, -1), softcap: float = 0.0
+                       ) -> tuple[Array, Array, Array]:
     """Gradients of :func:`cpuattn.attention` with respect to q, k and v.
 
     Args:
@@ -62,8 +67,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
 
 
-def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
-                              causal=False, scale=None, window=(-1, -1), softcap=0.0):
+def attention_varlen_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike,
+                              out: ArrayLike, lse: ArrayLike, cu_seqlens_q: ArrayLike,
+                              cu_seqlens_k: ArrayLike, *, causal: bool = False,
+                              scale: float | None = None, window: Window = (-1, -1),
+                              softcap: float = 0.0) -> tuple[Array, Array, Array]:
     """Gradients of :func:`cpuattn.attention_varlen` with respect to q, k and v.
 
     Args:
@@ -84,9 +92,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
 
 
-def paged_attention_backward(dout, q, k_pages, v_pages, block_table, seq_lens, out, lse, *,
-                             cu_seqlens_q=None, causal=True, scale=None, window=(-1, -1),
-                             softcap=0.0):
+def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
+                             v_pages: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
+                             out: ArrayLike, lse: ArrayLike, *,
+                             cu_seqlens_q: ArrayLike | None = None, causal: bool = True,
+                             scale: float | None = None, window: Window = (-1, -1),
+                             softcap: float = 0.0) -> tuple[Array, Array, Array]:
     """Gradients of :func:`cpuattn.paged_attention` with respect to q and the pages.
 
     Args:

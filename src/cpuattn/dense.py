@@ -1,10 +1,32 @@
 """Dense and packed (varlen) attention: validation and dispatch to the engine."""
+from __future__ import annotations
+
+from typing import Literal, overload
+
 from . import _forward
 from . import _validate as V
+from ._typing import Array, ArrayLike, FloatArray, Window
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              return_lse=False, out=None):
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+              scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              return_lse: Literal[False] = ..., out: Array | None = ...) -> Array: ...
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+              scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              return_lse: Literal[True], out: Array | None = ...) -> tuple[Array, FloatArray]: ...
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+              scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              return_lse: bool = ..., out: Array | None = ...
+              ) -> Array | tuple[Array, FloatArray]: ...
+
+
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
+              scale: float | None = None, window: Window = (-1, -1), softcap: float = 0.0,
+              return_lse: bool = False, out: Array | None = None
+              ) -> Array | tuple[Array, FloatArray]:
     """Flash attention over a dense batch.
 
     Args:
@@ -38,8 +60,26 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     return (out, lse) if return_lse else out
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
-                     window=(-1, -1), softcap=0.0, return_lse=False, out=None):
+@overload
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
+                     window: Window = ..., softcap: float = ..., return_lse: Literal[False] = ...,
+                     out: Array | None = ...) -> Array: ...
+@overload
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
+                     window: Window = ..., softcap: float = ..., return_lse: Literal[True],
+                     out: Array | None = ...) -> tuple[Array, FloatArray]: ...
+@overload
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
+                     window: Window = ..., softcap: float = ..., return_lse: bool = ...,
+                     out: Array | None = ...) -> Array | tuple[Array, FloatArray]: ...
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, causal: bool = False,
+                     scale: float | None = None, window: Window = (-1, -1), softcap: float = 0.0,
+                     return_lse: bool = False, out: Array | None = None
+                     ) -> Array | tuple[Array, FloatArray]:
     """Flash attention over a packed batch of variable-length sequences.
 
     Args:

@@ -6,11 +6,15 @@ values, token-major like every cpuattn array, so ``cache.keys()`` can go to
 not fit: n appends cost O(n) copies in all (amortised O(1) each) and
 O(log n) reallocations.
 """
+from __future__ import annotations
+
 import numbers
+from typing import Any
 
 import numpy as np
 
 from . import _validate as V
+from ._typing import Array, ArrayLike, DTypeLike, NDArray
 from .errors import DTypeError, ShapeError
 
 
@@ -70,7 +74,14 @@ class KVCache:
     for that sequence alone. Raises ShapeError / DTypeError on bad arguments.
     """
 
-    def __init__(self, batch, num_kv_heads, head_dim, *, dtype="float32", capacity=16):
+    batch: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype[Any]
+    num_reallocations: int
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: DTypeLike = "float32", capacity: int = 16) -> None:
         self.batch = _positive_int(batch, "batch")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive_int(head_dim, "head_dim")
@@ -83,20 +94,20 @@ class KVCache:
         self.num_reallocations = 0
 
     @property
-    def capacity(self):
+    def capacity(self) -> int:
         return self._k.shape[1]
 
     @property
-    def seq_lens(self):
+    def seq_lens(self) -> NDArray[np.int64]:
         view = self._lens.view()
         view.flags.writeable = False
         return view
 
-    def __len__(self):
+    def __len__(self) -> int:
         """The length of the longest sequence."""
         return int(self._lens.max())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype.name}, "
                 f"seq_lens={self._lens.tolist()}, capacity={self.capacity})")
@@ -113,7 +124,8 @@ class KVCache:
             setattr(self, name, new)
         self.num_reallocations += 1
 
-    def append(self, k, v, lengths=None):
+    def append(self, k: ArrayLike, v: ArrayLike,
+               lengths: ArrayLike | None = None) -> NDArray[np.int64]:
         """Append new tokens to every sequence.
 
         Args:
@@ -164,7 +176,7 @@ class KVCache:
         self._lens[:] = end
         return start
 
-    def keys(self, seq=None):
+    def keys(self, seq: int | None = None) -> Array:
         """View (no copy) of the cached keys.
 
         ``keys()`` is ``(batch, len(self), num_kv_heads, head_dim)``: rows past
@@ -174,7 +186,7 @@ class KVCache:
         """
         return self._view(self._k, seq)
 
-    def values(self, seq=None):
+    def values(self, seq: int | None = None) -> Array:
         """View (no copy) of the cached values; as :meth:`keys`."""
         return self._view(self._v, seq)
 
@@ -190,7 +202,7 @@ class KVCache:
             raise ShapeError(f"seq: expected a sequence index in [0, {self.batch}), got {seq!r}")
         return int(seq)
 
-    def reset(self, seqs=None):
+    def reset(self, seqs: int | ArrayLike | None = None) -> None:
         """Empty all sequences (``seqs=None``) or the listed sequence indices.
 
         Memory is kept for reuse; stale rows stay but are never exposed.

@@ -5,17 +5,25 @@ projections, optional RoPE, a KV cache (dense :class:`cpuattn.KVCache` or a
 :class:`cpuattn.PagePool` with a list of sequence ids) so that decoding one
 token at a time gives the same output as one full pass.
 """
+from __future__ import annotations
+
 import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from . import _validate as V
+from ._typing import Array, ArrayLike, DTypeLike, SeqId
 from .dense import attention
 from .errors import DTypeError, ShapeError
 from .kvcache import KVCache, _dtype, _positive_int
 
+if TYPE_CHECKING:
+    from ._pool import PagePool
 
-def rope(x, positions, theta):
+
+def rope(x: Array, positions: ArrayLike, theta: float) -> Array:
     """Llama rotary embedding (rotate-half convention) at absolute positions.
 
     Args:
@@ -66,8 +74,18 @@ class GQAttention:
     unsupported dtype.
     """
 
-    def __init__(self, d_model, num_heads, num_kv_heads, *, head_dim=None, causal=True,
-                 rope_theta=None, dtype="float32", seed=0):
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    rope_theta: float | None
+    dtype: np.dtype[Any]
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *,
+                 head_dim: int | None = None, causal: bool = True,
+                 rope_theta: float | None = None, dtype: DTypeLike = "float32",
+                 seed: int | None = 0) -> None:
         self.d_model = _positive_int(d_model, "d_model")
         self.num_heads = _positive_int(num_heads, "num_heads")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
@@ -125,12 +143,12 @@ class GQAttention:
     wo = property(lambda self: self._w["wo"], lambda self, a: self._set("wo", a),
                   doc="Output projection ``(num_heads * head_dim, d_model)``.")
 
-    def new_cache(self, batch, capacity=16):
+    def new_cache(self, batch: int, capacity: int = 16) -> KVCache:
         """An empty :class:`KVCache` matching this layer for ``batch`` sequences."""
         return KVCache(batch, self.num_kv_heads, self.head_dim, dtype=self.dtype,
                        capacity=capacity)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"GQAttention(d_model={self.d_model}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, rope_theta={self.rope_theta}, dtype={self.dtype.name})")
@@ -139,7 +157,15 @@ class GQAttention:
         w = self._w[name]
         return x @ (w if w.dtype == self._cdt else w.astype(self._cdt))
 
-    def __call__(self, x, cache=None, *, lengths=None):
+    @overload
+    def __call__(self, x: ArrayLike, cache: KVCache | None = ..., *,
+                 lengths: ArrayLike | None = ...) -> tuple[Array, KVCache]: ...
+    @overload
+    def __call__(self, x: ArrayLike, cache: tuple[PagePool, Sequence[SeqId]], *,
+                 lengths: ArrayLike | None = ...
+                 ) -> tuple[Array, tuple[PagePool, Sequence[SeqId]]]: ...
+    def __call__(self, x: ArrayLike, cache: Any = None, *,
+                 lengths: ArrayLike | None = None) -> tuple[Array, Any]:
         """Run the layer on new tokens, appending their K/V to the cache.
 
         Args:

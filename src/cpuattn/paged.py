@@ -5,16 +5,47 @@ of ``block_table`` lists the pages of sequence b in order. Only the first
 ``ceil(seq_lens[b] / page_size)`` entries of a row are read (and checked);
 page slots past a sequence's length are never read.
 """
+from __future__ import annotations
+
+from typing import Literal, overload
+
 import numpy as np
 
 from . import _forward
 from . import quant
 from . import _validate as V
+from ._typing import Array, ArrayLike, FloatArray, Window
 
 
-def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=None,
-                    causal=True, scale=None, window=(-1, -1), softcap=0.0, return_lse=False,
-                    out=None, k_scale=None, v_scale=None):
+@overload
+def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
+                    seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
+                    causal: bool = ..., scale: float | None = ..., window: Window = ...,
+                    softcap: float = ..., return_lse: Literal[False] = ...,
+                    out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
+                    v_scale: ArrayLike | float | None = ...) -> Array: ...
+@overload
+def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
+                    seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
+                    causal: bool = ..., scale: float | None = ..., window: Window = ...,
+                    softcap: float = ..., return_lse: Literal[True],
+                    out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
+                    v_scale: ArrayLike | float | None = ...) -> tuple[Array, FloatArray]: ...
+@overload
+def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
+                    seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
+                    causal: bool = ..., scale: float | None = ..., window: Window = ...,
+                    softcap: float = ..., return_lse: bool = ...,
+                    out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
+                    v_scale: ArrayLike | float | None = ...) -> Array | tuple[Array, FloatArray]: ...
+
+
+def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
+                    seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = None,
+                    causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
+                    softcap: float = 0.0, return_lse: bool = False, out: Array | None = None,
+                    k_scale: ArrayLike | float | None = None, v_scale: ArrayLike | float | None = None
+                    ) -> Array | tuple[Array, FloatArray]:
     """Attention over a paged KV cache: decode, chunked prefill, mixed batches.
 
     Args:
@@ -67,7 +98,8 @@ def paged_attention(q, k_pages, v_pages, block_table, seq_lens, *, cu_seqlens_q=
     return (out, lse) if return_lse else out
 
 
-def gather_pages(pages, block_table, seq_lens, *, scale=None):
+def gather_pages(pages: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike, *,
+                 scale: ArrayLike | float | None = None) -> Array:
     """Gather page chains into a padded dense array.
 
     Args:

@@ -7,10 +7,13 @@ float8_e5m2), codes round half to even and saturate. The page pool and
 ``write_kv`` call the same C code (csrc/quant.c), so they store exactly these
 bytes.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from . import _quant
 from . import _validate as V
+from ._typing import Array, ArrayLike, DTypeLike, FloatArray, NDArray
 from .errors import DTypeError, ShapeError
 
 
@@ -23,7 +26,7 @@ def _rows(x, name):
     return x
 
 
-def quantize_kv(x, dtype):
+def quantize_kv(x: ArrayLike, dtype: DTypeLike) -> tuple[Array, FloatArray]:
     """Quantise K or V rows to a low-bit KV format.
 
     Args:
@@ -55,7 +58,8 @@ def quantize_kv(x, dtype):
     return codes.reshape(lead + codes.shape[-1:]), scales.reshape(V.scale_shape(fmt, lead, d))
 
 
-def dequantize_kv(codes, scale, dtype):
+def dequantize_kv(codes: ArrayLike, scale: ArrayLike | float,
+                  dtype: DTypeLike) -> NDArray[np.float32]:
     """The float32 values ``scale * code`` of low-bit KV codes.
 
     Args:

@@ -1,11 +1,18 @@
 """The float64 oracle: plain numpy attention, the definition the kernels are
 tested against. O(seq_q x seq_k) memory: for tests, not for production."""
+from __future__ import annotations
+
+from typing import Literal, overload
+
 import numpy as np
 
 from . import _validate as V
+from ._typing import ArrayLike, NDArray, Window
+
+_F64 = NDArray[np.float64]
 
 
-def visible_mask(seq_q, seq_k, causal, window):
+def visible_mask(seq_q: int, seq_k: int, causal: bool, window: Window) -> NDArray[np.bool_]:
     """Boolean (seq_q, seq_k): query i (at position i + seq_k - seq_q) sees key j."""
     left, right = window
     pos = np.arange(seq_q)[:, None] + (seq_k - seq_q)
@@ -20,7 +27,8 @@ def visible_mask(seq_q, seq_k, causal, window):
     return mask
 
 
-def attend(q, k, v, mask, scale, softcap):
+def attend(q: ArrayLike, k: ArrayLike, v: ArrayLike, mask: NDArray[np.bool_], scale: float,
+           softcap: float) -> tuple[_F64, _F64]:
     """One sequence in float64: q (Sq, H, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv),
     mask (Sq, Sk). Returns out (Sq, H, Dv) and lse (H, Sq)."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
@@ -40,7 +48,7 @@ def attend(q, k, v, mask, scale, softcap):
         l = p.sum(axis=-1, keepdims=True)
         # hidden keys must not reach the result even when their values are
         # NaN/inf (0 * NaN = NaN): add non-finite value rows only where seen
-        bad = ~np.isfinite(vh).all(axis=-1)     # (Sk, H)
+        bad = np.asarray(~np.isfinite(vh).all(axis=-1))     # (Sk, H)
         out = np.einsum("hqk,khd->qhd", p, np.where(bad[..., None], 0.0, vh))
         for j, hh in zip(*np.nonzero(bad)):
             seen = mask[:, j]
@@ -54,8 +62,22 @@ def attend(q, k, v, mask, scale, softcap):
     return out, lse
 
 
-def reference_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                        return_lse=False):
+@overload
+def reference_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+                        scale: float | None = ..., window: Window = ..., softcap: float = ...,
+                        return_lse: Literal[False] = ...) -> _F64: ...
+@overload
+def reference_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+                        scale: float | None = ..., window: Window = ..., softcap: float = ...,
+                        return_lse: Literal[True]) -> tuple[_F64, _F64]: ...
+@overload
+def reference_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
+                        scale: float | None = ..., window: Window = ..., softcap: float = ...,
+                        return_lse: bool = ...) -> _F64 | tuple[_F64, _F64]: ...
+def reference_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
+                        scale: float | None = None, window: Window = (-1, -1),
+                        softcap: float = 0.0, return_lse: bool = False
+                        ) -> _F64 | tuple[_F64, _F64]:
     """Attention in plain numpy, float64 inside: the documented oracle.
 
     Same layouts and semantics as :func:`cpuattn.attention`: q

@@ -6,18 +6,21 @@ them (float32, float64, float16; bfloat16 is reinterpreted through int16 as
 ``ml_dtypes.bfloat16``); a tensor whose last axis is not contiguous is copied
 once. The backward pass is :func:`cpuattn.attention_backward`.
 """
+from __future__ import annotations
+
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import backward as _backward
 from . import dense as _dense
+from ._typing import Array, Window
 from .errors import DTypeError, ShapeError
 
 _NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
 
 
-def _to_numpy(t, name):
+def _to_numpy(t: torch.Tensor, name: str) -> Array:
     """Zero-copy numpy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16)."""
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -36,7 +39,7 @@ def _to_numpy(t, name):
     return t.numpy()
 
 
-def _to_torch(a):
+def _to_torch(a: Array) -> torch.Tensor:
     """Zero-copy tensor over a numpy array (ml_dtypes.bfloat16 as torch.bfloat16)."""
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
@@ -65,7 +68,9 @@ class _Attention(torch.autograd.Function):
         return _to_torch(dq), _to_torch(dk), _to_torch(dv), None, None, None, None
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, window: Window = (-1, -1),
+              softcap: float = 0.0) -> torch.Tensor:
     """:func:`cpuattn.attention` on torch CPU tensors, differentiable.
 
     Args:

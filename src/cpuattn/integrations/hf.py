@@ -25,7 +25,10 @@ Inference only: a backward pass through this function raises. Tensors must
 be on the CPU; float32, float64, float16, and bfloat16 (which needs
 ``ml_dtypes``) are accepted.
 """
+from __future__ import annotations
+
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from ..torch import _to_numpy, _to_torch
 NAME = "cpuattn"
 
 
-def register(name=NAME):
+def register(name: str = NAME) -> str:
     """Register cpuattn with transformers under ``name`` (default ``"cpuattn"``).
 
     Installs :func:`attention_forward` as the attention function and
@@ -167,8 +170,12 @@ def _refuse_unhonoured(kwargs, attention_mask):
             f"give wrong results. Use attn_implementation='sdpa' or 'eager' for this model")
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                      is_causal=None, softcap=None, sliding_window=None, **kwargs):
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, softcap: float | None = None,
+                      sliding_window: int | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, None]:
     """transformers attention function backed by cpuattn.
 
     Args:
@@ -205,7 +212,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     qn = _to_numpy(query, "query").transpose(0, 2, 1, 3)     # (B, S, H, D), no copy
     kn = _to_numpy(key, "key").transpose(0, 2, 1, 3)
     vn = _to_numpy(value, "value").transpose(0, 2, 1, 3)
-    opts = {"scale": scaling, "softcap": float(softcap or 0.0)}
+    opts: dict[str, Any] = {"scale": scaling, "softcap": float(softcap or 0.0)}
     left = None if sliding_window is None else int(sliding_window) - 1
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
