@@ -29,7 +29,8 @@ def test_native_engine_every_simd_path(tmp_path):
     build = subprocess.run(
         [cc, "-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
          "-Wno-unknown-pragmas", "-I" + CSRC, os.path.join(ROOT, "tests", "native", "attn_check.c"),
-         os.path.join(CSRC, "forward.c"), os.path.join(CSRC, "platform.c"), "-lm", "-o", exe],
+         os.path.join(CSRC, "forward.c"), os.path.join(CSRC, "platform.c"),
+         os.path.join(CSRC, "quant.c"), "-lm", "-o", exe],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     r = subprocess.run([exe], capture_output=True, text=True, timeout=300)

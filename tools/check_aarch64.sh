@@ -18,9 +18,9 @@ FLAGS="-O3 -std=gnu11 -fno-strict-aliasing -Wall -Werror -Wno-unused-function -W
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
-for f in forward backward pool platform; do
+for f in forward backward pool platform quant; do
     $CC $FLAGS -c "$CSRC/$f.c" -o "$OUT/$f.o"
 done
-echo "compiled forward.c backward.c pool.c platform.c for aarch64 ($($CC -dumpversion))"
-$CC $FLAGS tests/native/attn_check.c "$OUT/forward.o" "$OUT/platform.o" -lm -o "$OUT/attn_check"
+echo "compiled forward.c backward.c pool.c platform.c quant.c for aarch64 ($($CC -dumpversion))"
+$CC $FLAGS tests/native/attn_check.c "$OUT/forward.o" "$OUT/platform.o" "$OUT/quant.o" -lm -o "$OUT/attn_check"
 $QEMU -L "$SYSROOT" "$OUT/attn_check"

@@ -64,7 +64,8 @@ class Case:
     def shape(self):
         """A short human description of the shape."""
         h = f"h{self.num_heads}:{self.num_kv_heads}"
-        dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.dtype]
+        dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
+              "int4": "int4", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}[self.dtype]
         if self.kind == "decode":
             return f"b{self.batch} ctx{self.seq} {h} d{self.head_dim} p{self.page_size} kv={dt}"
         c = " causal" if self.causal else ""
@@ -81,9 +82,12 @@ class Case:
         return f / 2 if self.causal else f
 
     def kv_bytes(self):
-        """Bytes of K and V a decode step must read: every cached token once."""
-        item = 4 if self.dtype == "float32" else 2
-        return 2.0 * self.batch * self.seq * self.num_kv_heads * self.head_dim * item
+        """Bytes of K and V a decode step must read: every cached token once
+        (low-bit pages: their codes and scales)."""
+        d = self.head_dim
+        row = {"float32": 4 * d, "int8": d + 4, "float8_e4m3fn": d + 4, "float8_e5m2": d + 4,
+               "int4": d // 2 + 2 * -(-d // 32)}.get(self.dtype, 2 * d)
+        return 2.0 * self.batch * self.seq * self.num_kv_heads * row
 
 
 def _dram_batch(base=16, ctx=4096, hkv=8, d=128, item=4, cap=64):
@@ -167,6 +171,18 @@ CASES = [
          note="one long GQA sequence: fewer kv heads than cores"),
     Case("decode_dram_b16_ctx4096_fp32", "decode", _dram_batch(), 32, 8, 128, 4096,
          dtype="float32", note="DRAM-sized decode: KV >= 4x the last-level cache"),
+    # low-bit pages against bf16 pages, same shape (B16 ctx4096 H32:8 D128 p16:
+    # 268 MB of bf16 pages, far beyond the L3 here); fp32 queries
+    Case("decode_dram_b16_ctx4096_bf16", "decode", 16, 32, 8, 128, 4096, dtype="bfloat16",
+         note="baseline of the low-bit cases"),
+    Case("decode_dram_b16_ctx4096_int8", "decode", 16, 32, 8, 128, 4096, dtype="int8",
+         note="int8 pages, a float32 scale per token and kv head"),
+    Case("decode_dram_b16_ctx4096_int4", "decode", 16, 32, 8, 128, 4096, dtype="int4",
+         note="int4 pages, a float16 scale per 32 elements"),
+    Case("decode_dram_b16_ctx4096_e4m3", "decode", 16, 32, 8, 128, 4096, dtype="float8_e4m3fn",
+         note="fp8 e4m3 pages, scales per token and kv head"),
+    Case("decode_dram_b16_ctx4096_e5m2", "decode", 16, 32, 8, 128, 4096, dtype="float8_e5m2",
+         note="fp8 e5m2 pages, scales per token and kv head"),
     Case("decode_busy_core", "decode", 1, 4, 1, 128, 131072, dtype="float32", busy=True,
          note="MQA ctx131072 beside busy processes: default threads / 1 thread"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
@@ -284,29 +300,45 @@ def _build_prefill(c, rng, torch):
     return impls
 
 
+LOW_BIT = ("int8", "int4", "float8_e4m3fn", "float8_e5m2")
+
+
 def _build_decode(c, rng, torch):
-    dt = _np_dtype(c.dtype)
+    low = c.dtype in LOW_BIT
+    dt = np.dtype(np.float32) if low else _np_dtype(c.dtype)
     b, h, hkv, ctx, d, ps = c.batch, c.num_heads, c.num_kv_heads, c.seq, c.head_dim, c.page_size
     pages_per_seq = -(-ctx // ps)
     num_pages = b * pages_per_seq
     k_pages = _randn(rng, (num_pages, ps, hkv, d), dt)
     v_pages = _randn(rng, (num_pages, ps, hkv, d), dt)
+    scales = {}
+    if low:
+        # the kernel reads the codes; torch and the reference see their values
+        (k_pages, ks), (v_pages, vs) = (cpuattn.quantize_kv(x, c.dtype) for x in (k_pages, v_pages))
+        scales = {"k_scale": ks, "v_scale": vs}
+        k_float = cpuattn.dequantize_kv(k_pages, ks, c.dtype)
+        v_float = cpuattn.dequantize_kv(v_pages, vs, c.dtype)
+    else:
+        k_float, v_float = k_pages, v_pages
     # a shuffled block table: a sequence's pages are scattered in the pool
     block_table = rng.permutation(num_pages).astype(np.int32).reshape(b, pages_per_seq)
     seq_lens = np.full(b, ctx, dtype=np.int32)
     q = _randn(rng, (b, h, d), np.float32)
     impls = {}
     impls["cpuattn"] = (lambda: cpuattn.paged_attention(q, k_pages, v_pages, block_table,
-                                                        seq_lens), _f64)
+                                                        seq_lens, **scales), _f64)
     if c.busy:
         # only cpuattn, at the default threads and on 1 thread (run_case)
         for name in ("torch_sdpa", "torch_paged", "reference"):
             impls[name] = Skip("n/a: busy-core case times cpuattn only")
         return impls
     # the same context as contiguous (B, ctx, Hkv, D) arrays
-    k_dense = k_pages[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
-    v_dense = v_pages[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
-    if torch is None:
+    k_dense = k_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
+    v_dense = v_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
+    if low:
+        impls["torch_sdpa"] = impls["torch_paged"] = Skip(
+            "n/a: torch has no low-bit KV cache (compare with the bf16 case)")
+    elif torch is None:
         impls["torch_sdpa"] = impls["torch_paged"] = Skip("unavailable: torch is not installed")
     else:
         # torch wants one dtype: the query in the cache's dtype, (B, H, 1, D)
@@ -683,11 +715,38 @@ def format_run(run):
                       f"{b['threads']} threads {b['median_s'] * 1e3:.2f} ms, 1 thread "
                       f"{b['median_s_1thread'] * 1e3:.2f} ms, ratio "
                       f"{b['ratio_default_over_1thread']:.2f} (goal <= 1.10)"]
+    lines += _low_bit_lines(run)
     notes = sorted({e["reason"] for res in run["results"] for e in res["impls"].values()
                     if e["status"] in ("error", "unsupported", "unavailable")})
     if notes:
         lines += [""] + [f"  note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+# issue 13's goals on 2 cores: low-bit pages over bf16 pages, same shape
+LOW_BIT_GOAL = {"int8": 1.5, "int4": 1.8, "float8_e4m3fn": 1.3, "float8_e5m2": 1.3}
+
+
+def _low_bit_lines(run):
+    """Speed of each low-bit decode case over the bf16 case of its shape."""
+    def key(res):
+        p = dict(res["params"])
+        p.pop("dtype")
+        return tuple(sorted(p.items()))
+    base = {key(r): r for r in run["results"]
+            if r["kind"] == "decode" and r["params"]["dtype"] == "bfloat16"
+            and r["impls"]["cpuattn"]["status"] == "ok"}
+    lines = []
+    for r in run["results"]:
+        dt, mine = r["params"]["dtype"], r["impls"]["cpuattn"]
+        b = base.get(key(r)) if dt in LOW_BIT else None
+        if b is None or mine["status"] != "ok":
+            continue
+        ratio = b["impls"]["cpuattn"]["median_s"] / mine["median_s"]
+        lines.append(f"{r['case']}: {ratio:.2f}x the speed of bf16 pages "
+                     f"({b['impls']['cpuattn']['median_s'] * 1e3:.2f} ms -> "
+                     f"{mine['median_s'] * 1e3:.2f} ms; goal >= {LOW_BIT_GOAL[dt]}x on 2 cores)")
+    return [""] + lines if lines else []
 
 
 def format_scaling(result):

@@ -8,7 +8,7 @@
  * wheels ship is compiled and run somewhere. Exit status 0 = all passed.
  *
  *   cc -O2 -std=gnu11 -Isrc/cpuattn/csrc tests/native/attn_check.c \
- *      src/cpuattn/csrc/forward.c src/cpuattn/csrc/platform.c -lm
+ *      src/cpuattn/csrc/forward.c src/cpuattn/csrc/platform.c src/cpuattn/csrc/quant.c -lm
  * (add -fsanitize=address,undefined to catch reads past a row or a buffer)
  */
 #include <math.h>
@@ -149,7 +149,7 @@ static int run_case(const tcase *c, int isa)
     a.v = (cpa_rows){v, P * Hkv * Dv, Hkv * Dv, Dv};
     a.num_heads = (int32_t)H; a.num_kv_heads = (int32_t)Hkv;
     a.head_dim_qk = (int32_t)Dk; a.head_dim_v = (int32_t)Dv;
-    a.q_dtype = c->q_dtype; a.kv_dtype = c->kv_dtype;
+    a.q_dtype = c->q_dtype; a.k_dtype = a.v_dtype = c->kv_dtype;
     a.scale = 1.0 / sqrt((double)Dk); a.softcap = c->softcap; a.mask.causal = c->causal;
     a.mask.window_left = c->wl; a.mask.window_right = c->wr;
     a.num_seqs = c->nseq;
