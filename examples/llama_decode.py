@@ -102,13 +102,18 @@ class Progress:
             print()
 
 
-def serve(model, requests, max_batch, cache_kind, page_size):
-    """Continuous batching over `requests` (list of (prompt, max_new_tokens)).
-    Returns per request (generated tokens, their logits) and the decode stats."""
+KV_DTYPES = {"float32": "float32", "int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}
+
+
+def serve(model, requests, max_batch, cache_kind, page_size, kv="float32"):
+    """Continuous batching over `requests` (list of (prompt, max_new_tokens)),
+    with the paged cache's pages in `kv` (a KV_DTYPES key). Returns per
+    request (generated tokens, their logits) and the decode stats."""
     hkv, d = model.layers[0].num_kv_heads, model.layers[0].head_dim
     if cache_kind == "paged":
         need = sum(-(-(len(p) + n) // page_size) for p, n in requests)
-        pools = [cpuattn.PagePool(need, page_size, hkv, d) for _ in model.layers]
+        pools = [cpuattn.PagePool(need, page_size, hkv, d, dtype=KV_DTYPES[kv])
+                 for _ in model.layers]
     else:
         caches = [layer.new_cache(max_batch, capacity=64) for layer in model.layers]
     waiting = list(range(len(requests)))
@@ -170,6 +175,24 @@ def serve(model, requests, max_batch, cache_kind, page_size):
     return out, time.perf_counter() - t0
 
 
+def report_quality(ref, low, secs, kv):
+    """The low-bit run against the float32 pool: the largest logit difference
+    over the steps whose context both runs share (until their greedy tokens
+    first differ), and how many requests generated other tokens."""
+    worst, diverged, total = 0.0, 0, 0
+    for r in ref:
+        (rt, rl), (lt, ll) = ref[r], low[r]
+        total += len(lt)
+        for i in range(len(rt)):
+            worst = max(worst, float(np.abs(np.asarray(ll[i]) - np.asarray(rl[i])).max()))
+            if lt[i] != rt[i]:
+                diverged += 1
+                break
+    print(f"kv {kv}: generated {total} tokens in {secs:.2f} s: {total / secs:.1f} tok/s; "
+          f"max |logit diff| vs the float32 pool {worst:.2e} (over shared contexts), "
+          f"{diverged} of {len(ref)} requests chose another greedy token")
+
+
 def main(argv=None):
     has_pool = hasattr(cpuattn, "PagePool")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,12 +205,17 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv", choices=sorted(KV_DTYPES), default="float32",
+                   help="page storage of the paged cache (fp8: float8_e4m3fn); a low-bit "
+                        "run is compared with the float32 pool")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the reference check")
     args = p.parse_args(argv)
     if args.cache == "paged" and not has_pool:
         p.error("--cache paged needs cpuattn.PagePool, not in this build: use --cache dense")
+    if args.kv != "float32" and args.cache != "paged":
+        p.error("--kv needs --cache paged")
     if args.threads:
         cpuattn.set_num_threads(args.threads)
 
@@ -198,14 +226,19 @@ def main(argv=None):
                  int(rng.integers(8, 32))) for _ in range(args.requests)]
     print(f"{args.requests} requests, max batch {args.max_batch}, {args.layers} layers, "
           f"d_model {args.d_model}, heads {args.heads}/{args.kv_heads} (q/kv), "
-          f"cache {args.cache}, {cpuattn.get_num_threads()} threads")
+          f"cache {args.cache}, kv {args.kv}, {cpuattn.get_num_threads()} threads")
     # the projections are small matmuls: a BLAS thread team next to cpuattn's
-    # OpenMP team only oversubscribes the cores
+    # threads only oversubscribes the cores
     with threadpool_limits(1, user_api="blas"):
+        if args.kv != "float32":
+            low, low_secs = serve(model, requests, args.max_batch, args.cache, args.page_size,
+                                  args.kv)
         out, secs = serve(model, requests, args.max_batch, args.cache, args.page_size)
     total = sum(len(toks) for toks, _ in out.values())
     print(f"generated {total} tokens in {secs:.2f} s: {total / secs:.1f} tok/s "
-          f"(prefill included)")
+          f"(prefill included, float32 pool)")
+    if args.kv != "float32":
+        report_quality(out, low, low_secs, args.kv)
     if args.no_check:
         return 0
     worst, mismatched = 0.0, 0

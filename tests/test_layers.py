@@ -3,6 +3,8 @@ import math
 import subprocess
 import sys
 
+import os
+
 import numpy as np
 import pytest
 
@@ -222,6 +224,53 @@ def test_paged_cache_matches_dense(rope_theta):
         y, _ = layer(t, (pool, seqs))
         yd, dcache = layer(t, dcache)
         np.testing.assert_allclose(y, yd, rtol=1e-5, atol=1e-5)
+
+
+@needs_pool
+@pytest.mark.parametrize("kv", ["int8", "int4", "float8_e4m3fn"])
+def test_low_bit_paged_cache(kv):
+    """Over a low-bit pool the layer equals the same layer over a float32
+    pool holding the dequantised K/V rows, and stays near the float pool."""
+    layer = GQAttention(64, 4, 2, rope_theta=10000.0, seed=7)
+    rng = np.random.default_rng(8)
+    lens = [5, 2, 7]
+    x, t = rand(rng, 3, 7, 64), rand(rng, 3, 1, 64)
+    low, exact = cpuattn.PagePool(16, 4, 2, 16, dtype=kv), cpuattn.PagePool(16, 4, 2, 16)
+    ls, es = [low.create_sequence() for _ in lens], [exact.create_sequence() for _ in lens]
+    y_low, _ = layer(x, (low, ls), lengths=lens)
+    y_exact, _ = layer(x, (exact, es), lengths=lens)
+    step_low, _ = layer(t, (low, ls))
+    step_exact, _ = layer(t, (exact, es))
+    # the same attention over the dequantised rows, through a float32 pool
+    deq = cpuattn.PagePool(16, 4, 2, 16)
+    ds = [deq.create_sequence() for _ in lens]
+    for s, d in zip(ls, ds):
+        deq.append(d, *low.gather(s))
+    q = layer._proj(t.astype(np.float32), "wq").reshape(3, 1, 4, 16)
+    pos = np.array([[n] for n in lens])
+    q = cpuattn.layers.rope(q, pos, 10000.0)[:, 0]
+    o = deq.attention(q, ds)
+    want = layer._proj(o.reshape(3, 1, 64), "wo")
+    np.testing.assert_allclose(step_low, want, rtol=1e-4, atol=1e-5)
+    assert low.k_dtype == kv and low.k_scales is not None
+    for a, b in ((y_low, y_exact), (step_low, step_exact)):
+        err = np.abs(a - b).max()
+        assert 0 < err < 0.5 * np.abs(b).max()
+
+
+@needs_pool
+def test_example_reports_low_bit_quality():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "llama_decode.py"),
+                        "--kv", "int8", "--requests", "3", "--layers", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("kv int8:")]
+    assert line and "max |logit diff| vs the float32 pool" in line[0], r.stdout
+    diff = float(line[0].split("pool ")[1].split()[0])
+    assert 0 < diff < 0.5
 
 
 @needs_pool
