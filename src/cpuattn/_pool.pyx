@@ -372,7 +372,9 @@ cdef class PagePool:
         cdef const char *rows[4]
         bufs = (ka, va, ks, vs)
         for i in range(4):
-            rows[i] = NULL if bufs[i] is None else <const char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
+            rows[i] = NULL
+            if bufs[i] is not None:
+                rows[i] = <const char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
         with nogil:
             rc = cpa_pool_append(self._p, sid, rows, n, &need)
         if rc == CPA_POOL_EFULL:

@@ -141,20 +141,31 @@ static inline T FN(elem)(const KS *p, int64_t d)
 }
 
 #if DEC_PAIRED
-/* Elements d .. d + 2*VL - 1 of a row as (even ones, odd ones), unscaled. */
-static inline void FN(ld_pairs)(const KS *row, int64_t d, V *even, V *odd)
+/* Elements d .. d + 2*VL - 1 of a row as (even ones, odd ones), with their
+ * group scale applied (int4; s: the row's scales; bf16 has none). */
+static inline void FN(ld_pairs)(const KS *row, const void *s, int64_t d, V *even, V *odd)
 {
 #if KS_KIND == CPA_KIND_BF16
     typedef uint32_t w_t __attribute__((vector_size(VBYTES)));
     w_t w;
+    (void)s;
     memcpy(&w, row + d, sizeof w);
     *even = (V)(w << 16);
     *odd = (V)(w & 0xFFFF0000u);
+#elif VBYTES == 64 && defined(__AVX512F__)
+    /* a nibble is an index into the 16 values code * scale: one vpermps
+     * per 16 elements converts and scales them */
+    static const float codes[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+    const __m512 tab = _mm512_mul_ps(_mm512_loadu_ps(codes), _mm512_set1_ps(FN(scale_at)(s, d)));
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)KS_AT(row, d)));
+    *even = (V)_mm512_permutexvar_ps(w, tab);   /* uses the low 4 bits of each lane */
+    *odd = (V)_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), tab);
 #else
     typedef uint32_t u_t __attribute__((vector_size(VBYTES)));
     const VI w = TN(ld_i8)(KS_AT(row, d));   /* sign-extended bytes */
-    *even = __builtin_convertvector((VI)((u_t)w << 28) >> 28, V);
-    *odd = __builtin_convertvector(w >> 4, V);
+    const V g = TN(vset1)(FN(scale_at)(s, d));
+    *even = __builtin_convertvector((VI)((u_t)w << 28) >> 28, V) * g;
+    *odd = __builtin_convertvector(w >> 4, V) * g;
 #endif
 }
 #endif
@@ -172,9 +183,7 @@ static const T *FN(to_t)(const void *src, const void *s, int64_t n, T *dst)
 #if KS_GROUPSCALE
     for (; d + 2 * VL <= n; d += 2 * VL) {
         V e, o;
-        FN(ld_pairs)(p, d, &e, &o);
-        const V sv = TN(vset1)(FN(scale_at)(s, d));
-        e *= sv; o *= sv;
+        FN(ld_pairs)(p, s, d, &e, &o);
         for (int i = 0; i < VL; i++) { dst[d + 2 * i] = e[i]; dst[d + 2 * i + 1] = o[i]; }
     }
 #else
@@ -209,11 +218,7 @@ static inline __attribute__((always_inline)) void FN(dec_qk)(
             for (int t = 0; t < TB; t++) __builtin_prefetch(KS_AT(pf[t], d), 0, 3);
         V ke[4], ko[4];
         for (int t = 0; t < TB; t++) {
-            FN(ld_pairs)(k[t], d, &ke[t], &ko[t]);
-#if KS_GROUPSCALE
-            const V g = TN(vset1)(FN(scale_at)(ks[t], d));
-            ke[t] *= g; ko[t] *= g;
-#endif
+            FN(ld_pairs)(k[t], KS_GROUPSCALE ? ks[t] : NULL, d, &ke[t], &ko[t]);
         }
         for (int r = 0; r < RB; r++) {
             V qe = TN(vld)(q + r * qstride + d), qo = TN(vld)(q + r * qstride + d + VL);
@@ -284,11 +289,7 @@ static inline __attribute__((always_inline)) void FN(dec_pv)(
             for (int t = 0; t < TB; t++) __builtin_prefetch(KS_AT(pf[t], d), 0, 3);
         V ve[4], vo[4];
         for (int t = 0; t < TB; t++) {
-            FN(ld_pairs)(v[t], d, &ve[t], &vo[t]);
-#if KS_GROUPSCALE
-            const V g = TN(vset1)(FN(scale_at)(vs[t], d));
-            ve[t] *= g; vo[t] *= g;
-#endif
+            FN(ld_pairs)(v[t], KS_GROUPSCALE ? vs[t] : NULL, d, &ve[t], &vo[t]);
         }
         for (int r = 0; r < RB; r++) {
             V ae = TN(vld)(o + r * ostride + d), ao = TN(vld)(o + r * ostride + d + VL);
