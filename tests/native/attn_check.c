@@ -19,6 +19,7 @@
 #include "forward.h"
 #include "half.h"
 #include "platform.h"
+#include "quant.h"
 
 typedef struct {
     const char *name;
@@ -33,8 +34,41 @@ typedef struct {
     int nan_tail;    /* NaN keys / inf values in the last nan_tail keys of sequence 0 */
 } tcase;
 
-static const char *dtype_name[] = {"f32", "f64", "f16", "bf16"};
-static const size_t dtype_size[] = {4, 8, 2, 2};
+static const char *dtype_name[] = {"f32", "f64", "f16", "bf16", "int8", "int4", "e4m3", "e5m2"};
+static const size_t dtype_size[] = {4, 8, 2, 2, 1, 1, 1, 1};   /* low-bit: bytes (see kv_store) */
+
+/* Low-bit KV storage of one plane: codes and scales, filled with garbage
+ * (0xff codes, NaN scales) so that a read of a hidden slot shows; rows are
+ * quantised by quant.c, the reference reads them dequantised. */
+typedef struct {
+    uint8_t *codes;
+    void *scales;
+    int64_t rb, ns, ssize;   /* row bytes, scales per row, bytes per scale */
+} kv_store;
+
+static void kv_store_init(kv_store *s, int dt, int64_t rows, int64_t d)
+{
+    s->rb = cpa_quant_row_bytes(dt, d);
+    s->ns = cpa_quant_scales_per_row(dt, d);
+    s->ssize = dt == CPA_I4 ? 2 : 4;
+    s->codes = malloc((size_t)(rows * s->rb));
+    s->scales = malloc((size_t)(rows * s->ns * s->ssize));
+    memset(s->codes, 0xff, (size_t)(rows * s->rb));
+    for (int64_t i = 0; i < rows * s->ns; i++) {
+        if (dt == CPA_I4) ((uint16_t *)s->scales)[i] = 0x7e00;   /* float16 NaN */
+        else ((float *)s->scales)[i] = NAN;
+    }
+}
+
+/* Quantise row (slot) i from x[d] and write its dequantised values to ref. */
+static void kv_store_row(kv_store *s, int dt, int64_t i, const float *x, int64_t d, double *ref)
+{
+    float back[512];
+    char *sc = (char *)s->scales + (size_t)(i * s->ns * s->ssize);
+    cpa_quantize_rows(dt, x, d, 1, d, s->codes + i * s->rb, s->rb, sc, s->ns);
+    cpa_dequantize_rows(dt, s->codes + i * s->rb, s->rb, sc, s->ns, 1, d, back, d);
+    for (int64_t k = 0; k < d; k++) ref[k] = back[k];
+}
 
 static void put(void *buf, int dt, int64_t i, double x)
 {
@@ -85,7 +119,7 @@ static int run_case(const tcase *c, int isa)
     }
     const int64_t tq = cu_q[c->nseq], tk = cu_k[c->nseq];
     const size_t qs = dtype_size[c->q_dtype], ks = dtype_size[c->kv_dtype];
-    const int lse64 = c->q_dtype == CPA_F64;
+    const int lse64 = c->q_dtype == CPA_F64, low = cpa_dtype_bits(c->kv_dtype) < 16;
 
     /* storage: packed (tokens, heads, dim), or pages (num_pages, P, Hkv, D) */
     const int64_t P = c->page_size;
@@ -108,8 +142,14 @@ static int run_case(const tcase *c, int isa)
 
     for (int64_t i = 0; i < tq * H * Dk; i++) put(q, c->q_dtype, i, 1.5 * urand());
     /* every slot NaN first: a read of a spare page or stale slot shows */
-    for (int64_t i = 0; i < krows * Hkv * Dk; i++) put(k, c->kv_dtype, i, NAN);
-    for (int64_t i = 0; i < krows * Hkv * Dv; i++) put(v, c->kv_dtype, i, NAN);
+    for (int64_t i = 0; i < krows * Hkv * Dk && !low; i++) put(k, c->kv_dtype, i, NAN);
+    for (int64_t i = 0; i < krows * Hkv * Dv && !low; i++) put(v, c->kv_dtype, i, NAN);
+    kv_store kq = {0}, vq = {0};
+    if (low) {
+        kv_store_init(&kq, c->kv_dtype, krows * Hkv, Dk);
+        kv_store_init(&vq, c->kv_dtype, krows * Hkv, Dv);
+    }
+    float xrow[512];
     /* page ids in a scrambled order: stride 5 through the pool */
     int64_t next = 0;
     for (int b = 0; b < c->nseq && P; b++)
@@ -119,7 +159,15 @@ static int run_case(const tcase *c, int isa)
         for (int64_t j = 0; j < c->sk[b]; j++) {
             const int tail = b == 0 && j >= c->sk[b] - c->nan_tail;
             int64_t row = P ? (int64_t)bt[b * width + j / P] * P + j % P : cu_k[b] + j;
-            for (int64_t h = 0; h < Hkv; h++) {
+            for (int64_t h = 0; h < Hkv && low; h++) {
+                for (int64_t d = 0; d < Dk; d++) xrow[d] = tail ? NAN : (float)urand();
+                kv_store_row(&kq, c->kv_dtype, row * Hkv + h, xrow, Dk,
+                             kref + ((cu_k[b] + j) * Hkv + h) * Dk);
+                for (int64_t d = 0; d < Dv; d++) xrow[d] = (float)urand();
+                kv_store_row(&vq, c->kv_dtype, row * Hkv + h, xrow, Dv,
+                             vref + ((cu_k[b] + j) * Hkv + h) * Dv);
+            }
+            for (int64_t h = 0; h < Hkv && !low; h++) {
                 for (int64_t d = 0; d < Dk; d++) {
                     int64_t i = (row * Hkv + h) * Dk + d;
                     put(k, c->kv_dtype, i, tail ? NAN : urand());
@@ -147,6 +195,12 @@ static int run_case(const tcase *c, int isa)
     a.lse = (cpa_rows){lse, 0, 1, tq};
     a.k = (cpa_rows){k, P * Hkv * Dk, Hkv * Dk, Dk};
     a.v = (cpa_rows){v, P * Hkv * Dv, Hkv * Dv, Dv};
+    if (low) {   /* rows of bytes, and their scales addressed alike */
+        a.k = (cpa_rows){kq.codes, P * Hkv * kq.rb, Hkv * kq.rb, kq.rb};
+        a.v = (cpa_rows){vq.codes, P * Hkv * vq.rb, Hkv * vq.rb, vq.rb};
+        a.k_scale = (cpa_rows){kq.scales, P * Hkv * kq.ns, Hkv * kq.ns, kq.ns};
+        a.v_scale = (cpa_rows){vq.scales, P * Hkv * vq.ns, Hkv * vq.ns, vq.ns};
+    }
     a.num_heads = (int32_t)H; a.num_kv_heads = (int32_t)Hkv;
     a.head_dim_qk = (int32_t)Dk; a.head_dim_v = (int32_t)Dv;
     a.q_dtype = c->q_dtype; a.k_dtype = a.v_dtype = c->kv_dtype;
@@ -230,6 +284,7 @@ static int run_case(const tcase *c, int isa)
            c->name, cpa_isa_name(isa), dtype_name[c->q_dtype], dtype_name[c->kv_dtype], worst,
            worst_lse, bad ? " (NaN/-inf/zero rows wrong)" : "");
     free(q); free(k); free(v); free(out); free(lse); free(bt); free(kref); free(vref); free(sc);
+    free(kq.codes); free(kq.scales); free(vq.codes); free(vq.scales);
     free(items); free(merges); free(scratch); free(partials);
     return fail;
 }
@@ -254,9 +309,12 @@ int main(void)
         {CPA_F32, CPA_F32}, {CPA_F64, CPA_F64}, {CPA_F16, CPA_F16}, {CPA_BF16, CPA_BF16},
         {CPA_BF16, CPA_F32}, {CPA_F16, CPA_F32},
     };
+    const int low_kinds[][2] = {   /* low-bit pages (paged shapes only) */
+        {CPA_I8, CPA_F32}, {CPA_I4, CPA_F32}, {CPA_E4M3, CPA_F32}, {CPA_E5M2, CPA_BF16},
+    };
     int fails = 0, runs = 0;
     for (int isa = 0; isa < CPA_ISA_COUNT; isa++) if (cpa_isa_supported(isa))
-        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             for (size_t kd = 0; kd < sizeof kinds / sizeof *kinds; kd++) {
                 tcase c = shapes[s];
                 c.kv_dtype = kinds[kd][0];
@@ -264,6 +322,14 @@ int main(void)
                 fails += run_case(&c, isa);
                 runs++;
             }
+            for (size_t kd = 0; kd < sizeof low_kinds / sizeof *low_kinds && shapes[s].page_size; kd++) {
+                tcase c = shapes[s];
+                c.kv_dtype = low_kinds[kd][0];
+                c.q_dtype = low_kinds[kd][1];
+                fails += run_case(&c, isa);
+                runs++;
+            }
+        }
     printf("%d of %d runs failed (best SIMD path here: %s)\n", fails, runs,
            cpa_isa_name(cpa_isa_best()));
     return fails != 0;
