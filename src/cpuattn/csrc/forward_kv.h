@@ -345,9 +345,9 @@ static inline void FN(pairs_order)(T *row, int64_t n, int split)
         if ((M) - r_ == 1) call(r_, 1, __VA_ARGS__);                             \
     } while (0)
 #define DEC_QK_AT(r, RB, TB) \
-    FN(dec_qk)(q + (r) * qst, qst, kr, ksr, Dk, s + (r) * scs, scs, (r) ? NULL : pf, RB, TB)
+    FN(dec_qk)(q + (r) * qst, qst, xr, xsr, D, s + (r) * scs, scs, (r) ? NULL : pf, RB, TB)
 #define DEC_PV_AT(r, RB, TB) \
-    FN(dec_pv)(ob + (r) * Dv, Dv, s + (r) * scs, scs, vr, vsr, Dv, (r) ? NULL : pf, RB, TB)
+    FN(dec_pv)(ob + (r) * D, D, s + (r) * scs, scs, xr, xsr, D, (r) ? NULL : pf, RB, TB)
 
 /* Row addresses of the item's keys k0 .. k0 + n - 1 for its first kv head,
  * in x (and their scales' in xs, for low-bit types). */
@@ -362,47 +362,56 @@ static void FN(dec_rows)(const TN(dec) *c, const cpa_rows *x, const cpa_rows *xs
     }
 }
 
-/* Decode pass 1: scores of every key of the item, hidden ones too (the
- * softmax masks them), K token by token, all the item's heads of a token
- * in turn (adjacent in a page, so reads stay in memory order). */
-static void FN(dec_scores)(const TN(dec) *c)
+/* Keys [b0, b1) of the item through one decode product, TB key rows at a
+ * time, all the item's heads of a token in turn (adjacent in a page, so
+ * reads stay in memory order): scores from K (values = 0) or P V added to
+ * the output rows (values = 1). c->row / c->srow hold the rows' addresses. */
+static inline __attribute__((always_inline)) void FN(dec_sweep)(const TN(dec) *c, const int values,
+                                                                int64_t b0, int64_t b1)
 {
     enum { TB = TN(DEC_TB) };
     const cpa_fwd_args *a = c->a;
-    const int64_t M = c->M, n = c->n, nh = c->nh, Dk = a->head_dim_qk, qst = c->qst, scs = c->scs;
-    const int64_t kh = a->k.head, ksh = a->k_scale.head * FN(SCALE_BYTES);
-    FN(dec_rows)(c, &a->k, &a->k_scale);
-    const KS **krow = (const KS **)c->row;
-    const char **ksrow = (const char **)c->srow;
-    if (DEC_PAIRED)
-        for (int64_t rr = 0; rr < nh * M; rr++) FN(pairs_order)(c->qs + rr * qst, Dk, 1);
-
-    const int64_t kahead = cpa_prefetch_distance(nh * FN(nbytes)(Dk));
-    for (int64_t i = 0; i < kahead && i < n; i++)
-        for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(krow[i] + hh * kh, FN(nbytes)(Dk));
-    for (int64_t i0 = 0; i0 < n; i0 += TB) {
-        const int full = i0 + TB <= n;
+    const cpa_rows *x = values ? &a->v : &a->k, *xs = values ? &a->v_scale : &a->k_scale;
+    const int64_t M = c->M, nh = c->nh, D = values ? a->head_dim_v : a->head_dim_qk;
+    const int64_t qst = c->qst, scs = c->scs, xh = x->head, xsh = xs->head * FN(SCALE_BYTES);
+    const KS **rows = (const KS **)c->row;
+    const char **srows = (const char **)c->srow;
+    if (b1 <= b0)
+        return;
+    const int64_t ahead = cpa_prefetch_distance(nh * FN(nbytes)(D));
+    for (int64_t i = b0; i < b0 + ahead && i < b1; i++)
+        for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(rows[i] + hh * xh, FN(nbytes)(D));
+    for (int64_t i0 = b0; i0 < b1; i0 += TB) {
+        const int full = i0 + TB <= b1;
         for (int64_t hh = 0; hh < nh; hh++) {
             const T *q = c->qs + hh * M * qst;
-            T *s = c->sc + hh * M * scs + i0;
-            const KS *kr[TB], *pf[TB];
-            const char *ksr[TB];
-            for (int t = 0; t < TB; t++) pf[t] = krow[cpa_min(i0 + kahead + t, n - 1)] + hh * kh;
-            if (full) {
-                for (int t = 0; t < TB; t++) {
-                    kr[t] = krow[i0 + t] + hh * kh;
-                    ksr[t] = FN(SCALE_BYTES) ? ksrow[i0 + t] + hh * ksh : NULL;
+            T *ob = c->o + hh * M * D, *s = c->sc + hh * M * scs + i0;
+            const KS *xr[TB], *pf[TB];
+            const char *xsr[TB];
+            for (int t = 0; t < TB; t++) pf[t] = rows[cpa_min(i0 + ahead + t, b1 - 1)] + hh * xh;
+            const int64_t nb = full ? TB : 1;
+            for (int64_t i = i0; i < (full ? i0 + 1 : b1); i++, s++) {
+                for (int t = 0; t < nb; t++) {
+                    xr[t] = rows[i + t] + hh * xh;
+                    xsr[t] = FN(SCALE_BYTES) ? srows[i + t] + hh * xsh : NULL;
                 }
-                DEC_ROWS(DEC_QK_AT, M, TB);
-            } else {
-                for (int64_t i = i0; i < n; i++, s++) {
-                    kr[0] = krow[i] + hh * kh;
-                    ksr[0] = FN(SCALE_BYTES) ? ksrow[i] + hh * ksh : NULL;
-                    DEC_ROWS(DEC_QK_AT, M, 1);
-                }
+                if (full && values) DEC_ROWS(DEC_PV_AT, M, TB);
+                else if (full) DEC_ROWS(DEC_QK_AT, M, TB);
+                else if (values) DEC_ROWS(DEC_PV_AT, M, 1);
+                else DEC_ROWS(DEC_QK_AT, M, 1);
             }
         }
     }
+}
+
+/* Decode pass 1: scores of every key of the item, hidden ones too (the
+ * softmax masks them). */
+static void FN(dec_scores)(const TN(dec) *c)
+{
+    FN(dec_rows)(c, &c->a->k, &c->a->k_scale);
+    if (DEC_PAIRED)
+        for (int64_t rr = 0; rr < c->nh * c->M; rr++) FN(pairs_order)(c->qs + rr * c->qst, c->a->head_dim_qk, 1);
+    FN(dec_sweep)(c, 0, 0, c->n);
 }
 
 /* o_rr += p_rr,i v_i for keys i in [i0, i1) of the split, only in the rows
@@ -429,46 +438,14 @@ static void FN(dec_pv_seen)(const TN(dec) *c, int64_t i0, int64_t i1)
  * (stale) value, or its garbage scale, would be NaN. */
 static void FN(dec_values)(const TN(dec) *c)
 {
-    enum { TB = TN(DEC_TB) };
-    const cpa_fwd_args *a = c->a;
-    const int64_t M = c->M, nh = c->nh, Dv = a->head_dim_v, scs = c->scs;
-    const int64_t vh = a->v.head, vsh = a->v_scale.head * FN(SCALE_BYTES);
-    const int64_t s0 = c->s0, s1 = c->s1;
-    FN(dec_rows)(c, &a->v, &a->v_scale);
-    const KS **vrow = (const KS **)c->row;
-    const char **vsrow = (const char **)c->srow;
-    memset(c->o, 0, (size_t)(nh * M * Dv) * sizeof(T));
-
-    const int64_t vahead = cpa_prefetch_distance(nh * FN(nbytes)(Dv));
-    for (int64_t i = 0; i < vahead && i < c->n; i++)
-        for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(vrow[i] + hh * vh, FN(nbytes)(Dv));
-    FN(dec_pv_seen)(c, 0, s0);
-    for (int64_t i0 = s0; i0 < s1; i0 += TB) {
-        const int full = i0 + TB <= s1;
-        for (int64_t hh = 0; hh < nh; hh++) {
-            T *ob = c->o + hh * M * Dv;
-            const T *s = c->sc + hh * M * scs + i0;
-            const KS *vr[TB], *pf[TB];
-            const char *vsr[TB];
-            for (int t = 0; t < TB; t++) pf[t] = vrow[cpa_min(i0 + vahead + t, s1 - 1)] + hh * vh;
-            if (full) {
-                for (int t = 0; t < TB; t++) {
-                    vr[t] = vrow[i0 + t] + hh * vh;
-                    vsr[t] = FN(SCALE_BYTES) ? vsrow[i0 + t] + hh * vsh : NULL;
-                }
-                DEC_ROWS(DEC_PV_AT, M, TB);
-            } else {
-                for (int64_t j = i0; j < s1; j++, s++) {
-                    vr[0] = vrow[j] + hh * vh;
-                    vsr[0] = FN(SCALE_BYTES) ? vsrow[j] + hh * vsh : NULL;
-                    DEC_ROWS(DEC_PV_AT, M, 1);
-                }
-            }
-        }
-    }
-    FN(dec_pv_seen)(c, s1, c->n);
+    const int64_t rows = c->nh * c->M, Dv = c->a->head_dim_v;
+    FN(dec_rows)(c, &c->a->v, &c->a->v_scale);
+    memset(c->o, 0, (size_t)(rows * Dv) * sizeof(T));
+    FN(dec_pv_seen)(c, 0, c->s0);
+    FN(dec_sweep)(c, 1, c->s0, c->s1);
+    FN(dec_pv_seen)(c, c->s1, c->n);
     if (DEC_PAIRED)
-        for (int64_t rr = 0; rr < nh * M; rr++) FN(pairs_order)(c->o + rr * Dv, Dv, 0);
+        for (int64_t rr = 0; rr < rows; rr++) FN(pairs_order)(c->o + rr * Dv, Dv, 0);
 }
 #undef DEC_ROWS
 #undef DEC_QK_AT
