@@ -4,14 +4,7 @@ Layouts are token-major (flash-attn style); see the README and each
 function's docstring. Integrations (``cpuattn.torch``,
 ``cpuattn.integrations.hf``) are imported on demand only.
 """
-from . import _ompenv
-
-_undo = _ompenv.before_load()
-try:
-    from . import _threads   # loads libgomp: it reads GOMP_SPINCOUNT now
-finally:
-    _undo()
-    del _undo
+from . import _threads
 from .backward import attention_backward, attention_varlen_backward, paged_attention_backward
 from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
@@ -29,7 +22,8 @@ set_num_threads = _threads.set_num_threads
 
 
 def info():
-    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads."""
+    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads
+    and the worker pool the kernels run on."""
     import platform
     import sysconfig
 
@@ -41,9 +35,7 @@ def info():
         "simd_supported": _threads.supported_isas(),
         "num_threads": get_num_threads(),
         "usable_cpus": _threads.usable_cpus(),
-        "forked_serial": _threads.forked_serial(),
-        # process-wide for cpuattn's libgomp copy: see the README, Threads
-        "omp_spin": dict(_ompenv.state),
+        "thread_pool": _threads.pool_info(),
     }
 
 
