@@ -30,7 +30,8 @@ cdef int effective_threads() noexcept nogil:
 
 
 cdef void parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx) noexcept nogil:
-    """cpa_parallel_for on the process's one pool (see csrc/workers.h)."""
+    """cpa_parallel_for (csrc/workers.h): workers.c is linked into this module
+    only, so every kernel module that calls this shares one pool of threads."""
     cpa_parallel_for(nthreads, n_items, fn, ctx)
 
 
