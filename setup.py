@@ -2,9 +2,10 @@
 
 Every extension is compiled for the baseline ISA of the target (no
 -march=native): the hot loops carry their own per-function ISA targets and
-are chosen at import from CPUID/XGETBV (see csrc/platform.c). OpenMP is used when
-the compiler has it; otherwise the build goes on serially and
-``cpuattn.info()["openmp"]`` says so.
+are chosen at import from CPUID/XGETBV (see csrc/platform.c). The kernels run
+on cpuattn's own worker pool (csrc/workers.c, pthreads); OpenMP is linked only
+to read its thread limit (OMP_NUM_THREADS, threadpoolctl). Without OpenMP the
+build goes on with serial kernels and ``cpuattn.info()["openmp"]`` says so.
 
 Environment switches (for development, never needed by users):
   CPUATTN_NO_OPENMP=1         build without OpenMP
@@ -52,8 +53,9 @@ class BuildExt(build_ext):
                           "(cpuattn.info() will report openmp=False)")
         sanitize = os.environ.get("CPUATTN_SANITIZE", "")
         for ext in self.extensions:
-            ext.extra_compile_args += ["-O3", "-std=gnu11", "-fno-strict-aliasing",
+            ext.extra_compile_args += ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread",
                                        "-Wno-unused-function", "-Wno-unknown-pragmas"]
+            ext.extra_link_args.append("-pthread")
             if openmp:
                 ext.extra_compile_args.append("-fopenmp")
                 ext.extra_link_args.append("-fopenmp")
@@ -74,9 +76,11 @@ def ext(name, *csources):
     )
 
 
-# platform.c: CPU features, ISA and dtype tables (the engines' dispatch uses it)
+# platform.c: CPU features, ISA and dtype tables (the engines' dispatch uses it);
+# workers.c: the worker pool, one per process, in _threads (the other modules
+# call it through _threads.parallel_for)
 extensions = [
-    ext("_threads", "platform.c"),
+    ext("_threads", "platform.c", "workers.c"),
     ext("_forward", "forward.c", "platform.c", "quant.c"),
     ext("_roofline"),
     ext("_pool", "pool.c", "quant.c"),

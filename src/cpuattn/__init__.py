@@ -6,14 +6,7 @@ function's docstring. Integrations (``cpuattn.torch``,
 """
 from typing import Any
 
-from . import _ompenv
-
-_undo = _ompenv.before_load()
-try:
-    from . import _threads   # loads libgomp: it reads GOMP_SPINCOUNT now
-finally:
-    _undo()
-    del _undo
+from . import _threads
 from .backward import attention_backward, attention_varlen_backward, paged_attention_backward
 from .dense import attention, attention_varlen
 from .paged import gather_pages, paged_attention
@@ -31,7 +24,8 @@ set_num_threads = _threads.set_num_threads
 
 
 def info() -> "dict[str, Any]":
-    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads."""
+    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads
+    and the worker pool the kernels run on."""
     import platform
     import sysconfig
 
@@ -43,9 +37,7 @@ def info() -> "dict[str, Any]":
         "simd_supported": _threads.supported_isas(),
         "num_threads": get_num_threads(),
         "usable_cpus": _threads.usable_cpus(),
-        "forked_serial": _threads.forked_serial(),
-        # process-wide for cpuattn's libgomp copy: see the README, Threads
-        "omp_spin": dict(_ompenv.state),
+        "thread_pool": _threads.pool_info(),
     }
 
 

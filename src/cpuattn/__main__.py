@@ -1,7 +1,7 @@
 """Command line: ``python -m cpuattn info`` and ``python -m cpuattn bench``.
 
 ``info`` prints how this build runs here (version, compiler, OpenMP and its
-runtime, SIMD path, threads); ``bench`` runs the benchmark suite
+runtime, the worker pool, SIMD path, threads); ``bench`` runs the benchmark suite
 (:mod:`cpuattn._bench`; ``python -m cpuattn bench --help``).
 """
 import argparse
@@ -19,8 +19,9 @@ def format_info(info, runtimes):
     rows = [
         ("version", info["version"]),
         ("compiler", info["compiler"]),
-        ("OpenMP", ("on" if info["openmp"] else "off (serial kernels)")),
+        ("OpenMP", ("on (thread limit only)" if info["openmp"] else "off (serial kernels)")),
         ("OpenMP runtime", rt if info["openmp"] else "-"),
+        ("thread pool", "{kind}: {workers} workers, spin {spin_us} us".format(**info["thread_pool"])),
         ("SIMD path", info["simd"]),
         ("supported paths", ", ".join(info["simd_supported"])),
         ("threads", f"{info['num_threads']} (usable CPUs: {info['usable_cpus']})"),

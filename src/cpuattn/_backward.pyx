@@ -2,21 +2,20 @@
 
 Takes arrays the facade has already validated and converted to one compute
 dtype (float32 or float64): nothing here checks shapes or indices. Two
-dynamic OpenMP loops with the GIL released, the q pass (dQ and Di) then the
-kv pass (dK, dV); each item writes its own gradient rows, so no atomics are needed
+passes on the worker pool (csrc/workers.h) with the GIL released, the q pass
+(dQ and Di) then the kv pass (dK, dV); each item writes its own gradient rows, so no atomics are needed
 and results do not depend on the thread count.
 """
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 
 from ._engine cimport (
     cpa_bwd_args, cpa_bwd_item, cpa_bwd_item_fn, cpa_bwd_plan, cpa_bwd_scratch_bytes,
     cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, i64, rows_of, set_mask)
 from ._forward import LAYOUTS
-from ._threads cimport current_isa, team_size
+from ._threads cimport current_isa, parallel_for, team_size
 
 cnp.import_array()
 
@@ -64,6 +63,19 @@ def backward(call, cnp.ndarray out, cnp.ndarray dout, cnp.ndarray lse, cnp.ndarr
     run(&a, work)
 
 
+ctypedef struct bwd_pass:
+    const cpa_bwd_args *a
+    cpa_bwd_item_fn kernel
+    const cpa_bwd_item *items
+    char *scratch           # per_thread bytes for each thread id
+    size_t per_thread
+
+
+cdef void _run_item(void *ctx, int64_t i, int tid) noexcept nogil:
+    cdef bwd_pass *p = <bwd_pass *>ctx
+    p.kernel(p.a, &p.items[i], p.scratch + tid * p.per_thread)
+
+
 cdef void run(cpa_bwd_args *a, int64_t work) except *:
     cdef cpa_bwd_item_fn kv_kernel = cpa_bwd_kernel(a, CPA_BWD_KV, current_isa())
     cdef cpa_bwd_item_fn q_kernel = cpa_bwd_kernel(a, CPA_BWD_Q, current_isa())
@@ -71,12 +83,11 @@ cdef void run(cpa_bwd_args *a, int64_t work) except *:
         raise RuntimeError("cpuattn internal error: no backward kernel for this dtype")
     cdef int64_t n_kv = cpa_bwd_plan(a, CPA_BWD_KV, NULL)
     cdef int64_t n_q = cpa_bwd_plan(a, CPA_BWD_Q, NULL)
-    cdef int64_t i
     cdef cpa_bwd_item *kv_items = <cpa_bwd_item *>malloc((n_kv + 1) * sizeof(cpa_bwd_item))
     cdef cpa_bwd_item *q_items = <cpa_bwd_item *>malloc((n_q + 1) * sizeof(cpa_bwd_item))
     cdef char *scratch_raw = NULL
-    cdef char *scratch
-    cdef int nt, tid
+    cdef int nt
+    cdef bwd_pass q_pass, kv_pass
     cdef size_t per_thread = (cpa_bwd_scratch_bytes(a) + 63) // 64 * 64
     try:
         if kv_items == NULL or q_items == NULL:
@@ -87,15 +98,16 @@ cdef void run(cpa_bwd_args *a, int64_t work) except *:
         scratch_raw = <char *>malloc(per_thread * nt + 64)
         if scratch_raw == NULL:
             raise MemoryError("cpuattn: cannot allocate kernel scratch")
-        scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
+        q_pass.a = a
+        q_pass.scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
+        q_pass.per_thread = per_thread
+        kv_pass = q_pass
+        q_pass.kernel, q_pass.items = q_kernel, q_items
+        kv_pass.kernel, kv_pass.items = kv_kernel, kv_items
         with nogil:
             # the q pass first: it also stores Di for the kv pass
-            for i in prange(n_q, schedule="dynamic", num_threads=nt, use_threads_if=nt > 1):
-                tid = threadid()
-                q_kernel(a, &q_items[i], scratch + tid * per_thread)
-            for i in prange(n_kv, schedule="dynamic", num_threads=nt, use_threads_if=nt > 1):
-                tid = threadid()
-                kv_kernel(a, &kv_items[i], scratch + tid * per_thread)
+            parallel_for(nt, n_q, _run_item, &q_pass)
+            parallel_for(nt, n_kv, _run_item, &kv_pass)
     finally:
         free(kv_items)
         free(q_items)

@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -60,6 +60,7 @@ class Case:
     page_size: int = 16
     note: str = ""
     busy: bool = False        # decode beside busy processes: default threads vs 1 thread
+    torch_first: bool = False  # run in a fresh process that imports torch before cpuattn
 
     def shape(self):
         """A short human description of the shape."""
@@ -185,6 +186,9 @@ CASES = [
          note="fp8 e5m2 pages, scales per token and kv head"),
     Case("decode_busy_core", "decode", 1, 4, 1, 128, 131072, dtype="float32", busy=True,
          note="MQA ctx131072 beside busy processes: default threads / 1 thread"),
+    Case("decode_busy_core_torch_first", "decode", 1, 4, 1, 128, 131072, dtype="float32",
+         busy=True, torch_first=True,
+         note="decode_busy_core in a process that imported torch (its libgomp) first"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
     Case("backward_causal_s1024_fp32", "backward", 1, 16, 16, 64, 1024, True, "float32",
@@ -436,15 +440,56 @@ def _status_of(exc):
     return "error", f"error: {type(exc).__name__}: {msg}"
 
 
+# A case's run in a process where torch, and so its libgomp, is loaded before cpuattn.
+_TORCH_FIRST = """
+import json, sys
+import torch
+import cpuattn
+from cpuattn import _bench
+fields, settings, seed, threads = json.loads(sys.argv[1])
+cpuattn.set_num_threads(threads)
+print(json.dumps(_bench.run_case(_bench.Case(**fields), settings, torch, seed)))
+"""
+
+
+def _run_torch_first(c, settings, seed):
+    """run_case(c) in a fresh process that imports torch, then cpuattn."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("torch") is None:
+        res = _result_head(c)
+        for name in IMPLS:
+            res["impls"][name] = {"status": "unavailable",
+                                  "reason": "unavailable: torch is not installed"}
+        return res
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(cpuattn.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    arg = json.dumps([asdict(replace(c, torch_first=False)), settings, seed,
+                      cpuattn.get_num_threads()])
+    r = subprocess.run([sys.executable, "-c", _TORCH_FIRST, arg], env=env,
+                       capture_output=True, text=True, check=True)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["case"], res["note"] = c.name, c.note
+    return res
+
+
+def _result_head(c):
+    """A case's result dict before any implementation ran."""
+    return {"case": c.name, "kind": c.kind, "shape": c.shape(), "note": c.note,
+            "params": {"batch": c.batch, "num_heads": c.num_heads,
+                       "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+                       "seq": c.seq, "causal": c.causal, "dtype": c.dtype,
+                       "page_size": c.page_size if c.kind == "decode" else None},
+            "flops": c.flops(), "kv_bytes": c.kv_bytes() if c.kind == "decode" else None,
+            "impls": {}}
+
+
 def run_case(c, settings, torch, seed=0):
     """Run every implementation of one case; returns the case's result dict."""
-    res = {"case": c.name, "kind": c.kind, "shape": c.shape(), "note": c.note,
-           "params": {"batch": c.batch, "num_heads": c.num_heads,
-                      "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
-                      "seq": c.seq, "causal": c.causal, "dtype": c.dtype,
-                      "page_size": c.page_size if c.kind == "decode" else None},
-           "flops": c.flops(), "kv_bytes": c.kv_bytes() if c.kind == "decode" else None,
-           "impls": {}}
+    if c.torch_first:
+        return _run_torch_first(c, settings, seed)
+    res = _result_head(c)
     rng = np.random.default_rng(seed)
     try:
         impls = BUILDERS[c.kind](c, rng, torch)

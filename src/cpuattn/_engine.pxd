@@ -1,5 +1,5 @@
 # The engine's C interface (csrc/engine.h, forward.h, backward.h,
-# platform.h), declared once for every Cython module that drives it.
+# platform.h, workers.h), declared once for every Cython module that drives it.
 from libc.stdint cimport int32_t, int64_t
 cimport numpy as cnp
 
@@ -41,6 +41,12 @@ cdef extern from "platform.h" nogil:
     const char *cpa_isa_name(int isa)
     int cpa_openmp_enabled()
     int cpa_omp_max_threads()
+
+cdef extern from "workers.h" nogil:
+    int CPA_SPIN_US
+    ctypedef void (*cpa_item_fn)(void *ctx, int64_t item, int tid) noexcept nogil
+    void cpa_parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx)
+    int cpa_workers_count()
 
 cdef extern from "forward.h" nogil:
     ctypedef struct cpa_fwd_args:

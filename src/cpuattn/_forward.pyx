@@ -1,14 +1,13 @@
 """Parallel driver of the forward engine (csrc/forward.c).
 
 Takes arrays the facade has already validated: nothing here checks shapes or
-indices. Work items run in a dynamic OpenMP loop with the GIL released; each
-thread has its own scratch; split-KV partials are merged in a second loop in
+indices. Work items run on the worker pool (csrc/workers.h) with the GIL
+released, claimed one at a time; each thread has its own scratch; split-KV partials are merged in a second loop in
 a fixed order, so results do not depend on the thread count.
 """
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from cython.parallel cimport prange, threadid
 cimport numpy as cnp
 import numpy as np
 
@@ -17,7 +16,7 @@ from ._engine cimport (
     cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one, i64,
     CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_bits,
     cpa_rows, rows_of, set_mask)
-from ._threads cimport current_isa, team_size
+from ._threads cimport current_isa, parallel_for, team_size
 
 cnp.import_array()
 
@@ -109,6 +108,26 @@ cdef int _kv_code(cnp.ndarray x):
 _LOW_BIT_CODES = {name: code for name, code, bits in DTYPES if bits < 16}
 
 
+ctypedef struct fwd_job:
+    const cpa_fwd_args *a
+    cpa_fwd_item_fn kernel
+    const cpa_fwd_item *items
+    const cpa_fwd_merge *merges
+    char *scratch           # per_thread bytes for each thread id
+    size_t per_thread
+    char *partials
+
+
+cdef void _run_item(void *ctx, int64_t i, int tid) noexcept nogil:
+    cdef fwd_job *j = <fwd_job *>ctx
+    j.kernel(j.a, &j.items[i], j.scratch + tid * j.per_thread, j.partials)
+
+
+cdef void _run_merge(void *ctx, int64_t i, int tid) noexcept nogil:
+    cdef fwd_job *j = <fwd_job *>ctx
+    cpa_fwd_merge_one(j.a, &j.merges[i], j.partials, j.scratch + tid * j.per_thread)
+
+
 cdef void run(cpa_fwd_args *a) except *:
     cdef cpa_fwd_item_fn kernel = cpa_fwd_kernel(a, current_isa())
     if kernel == NULL:
@@ -121,9 +140,9 @@ cdef void run(cpa_fwd_args *a) except *:
     cdef cpa_fwd_merge *merges = <cpa_fwd_merge *>malloc((n_merges + 1) * sizeof(cpa_fwd_merge))
     cdef char *partials = NULL
     cdef char *scratch_raw = NULL
-    cdef char *scratch
-    cdef int nt, max_split = 0, tid
+    cdef int nt, max_split = 0
     cdef size_t per_thread
+    cdef fwd_job job
     try:
         if items == NULL or merges == NULL:
             raise MemoryError("cpuattn: cannot allocate the work list")
@@ -142,20 +161,16 @@ cdef void run(cpa_fwd_args *a) except *:
         scratch_raw = <char *>malloc(per_thread * nt + 64)
         if scratch_raw == NULL:
             raise MemoryError("cpuattn: cannot allocate kernel scratch")
-        scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
         if n_slots > 0:
             partials = <char *>malloc(n_slots * cpa_fwd_slot_bytes(a))
             if partials == NULL:
                 raise MemoryError("cpuattn: cannot allocate split-KV partials")
+        job.a, job.kernel, job.items, job.merges = a, kernel, items, merges
+        job.scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
+        job.per_thread, job.partials = per_thread, partials
         with nogil:
-            for i in prange(n_items, schedule="dynamic", num_threads=nt, use_threads_if=nt > 1):
-                tid = threadid()
-                kernel(a, &items[i], scratch + tid * per_thread, partials)
-            if n_merges > 0:
-                for i in prange(n_merges, schedule="dynamic", num_threads=nt,
-                                use_threads_if=nt > 1 and n_merges > 1):
-                    tid = threadid()
-                    cpa_fwd_merge_one(a, &merges[i], partials, scratch + tid * per_thread)
+            parallel_for(nt, n_items, _run_item, &job)
+            parallel_for(nt, n_merges, _run_merge, &job)
     finally:
         free(items)
         free(merges)

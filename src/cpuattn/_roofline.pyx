@@ -14,9 +14,8 @@ import time
 
 import numpy as np
 from libc.stdint cimport int64_t
-from cython.parallel cimport prange
 
-from ._threads cimport effective_threads
+from ._threads cimport effective_threads, parallel_for
 
 cdef extern from *:
     """
@@ -108,28 +107,58 @@ def default_read_bytes():
     return max(4 * llc, 256 << 20) if llc else 1 << 30
 
 
+# The array in CHUNK-float chunks, split statically over nt parts (the pool's
+# items), part t being chunks [t * nchunks / nt, (t + 1) * nchunks / nt).
+ctypedef struct chunks:
+    float *p
+    int64_t n, nchunks
+    int nt, streams
+    double *partial
+
+
+cdef void _touch_part(void *ctx, int64_t t, int tid) noexcept nogil:
+    cdef chunks *c = <chunks *>ctx
+    cdef int64_t k, lo
+    for k in range(c.nchunks * t // c.nt, c.nchunks * (t + 1) // c.nt):
+        lo = k * CHUNK
+        cpa_fill_f32(c.p + lo, min(CHUNK, c.n - lo), 1.0)
+
+
+cdef void _read_part(void *ctx, int64_t t, int tid) noexcept nogil:
+    cdef chunks *c = <chunks *>ctx
+    cdef int64_t k, lo
+    for k in range(c.nchunks * t // c.nt, c.nchunks * (t + 1) // c.nt):
+        lo = k * CHUNK
+        if c.streams == 4:
+            c.partial[k] = cpa_sum4_f32(c.p + lo, min(CHUNK, c.n - lo))
+        else:
+            c.partial[k] = cpa_sum_f32(c.p + lo, min(CHUNK, c.n - lo))
+
+
+cdef chunks _chunks_of(float *p, int64_t n, int nt) noexcept nogil:
+    cdef chunks c
+    c.p, c.n, c.nt = p, n, nt
+    c.nchunks = (n + CHUNK - 1) // CHUNK
+    c.streams = 1
+    c.partial = NULL
+    return c
+
+
 cdef void _touch(float *p, int64_t n, int nt) noexcept nogil:
     """Write every page from the threads that will read it (first touch)."""
-    cdef int64_t nchunks = (n + CHUNK - 1) // CHUNK
-    cdef int64_t c, lo
-    for c in prange(nchunks, num_threads=nt, schedule="static"):
-        lo = c * CHUNK
-        cpa_fill_f32(p + lo, min(CHUNK, n - lo), 1.0)
+    cdef chunks c = _chunks_of(p, n, nt)
+    parallel_for(nt, nt, _touch_part, &c)
 
 
 cdef double _read_pass(const float *p, int64_t n, double *partial, int nt,
                        int streams) noexcept nogil:
-    cdef int64_t nchunks = (n + CHUNK - 1) // CHUNK
-    cdef int64_t c, lo
+    cdef chunks c = _chunks_of(<float *>p, n, nt)
+    c.streams, c.partial = streams, partial
+    parallel_for(nt, nt, _read_part, &c)
     cdef double total = 0.0
-    for c in prange(nchunks, num_threads=nt, schedule="static"):
-        lo = c * CHUNK
-        if streams == 4:
-            partial[c] = cpa_sum4_f32(p + lo, min(CHUNK, n - lo))
-        else:
-            partial[c] = cpa_sum_f32(p + lo, min(CHUNK, n - lo))
-    for c in range(nchunks):
-        total += partial[c]
+    cdef int64_t k
+    for k in range(c.nchunks):
+        total += partial[k]
     return total
 
 
@@ -137,7 +166,7 @@ def read_bandwidth(nbytes=None, repeats=5):
     """Streaming read bandwidth of main memory, in GB/s (1e9 bytes/s).
 
     Sums a float32 array of ``nbytes`` (default: :func:`default_read_bytes`)
-    in an OpenMP loop with the GIL released, on ``cpuattn.get_num_threads()``
+    on the worker pool with the GIL released, on ``cpuattn.get_num_threads()``
     threads. The array is allocated and written once per process (reused by
     later calls of the same size), then read ``repeats`` times after one
     warm-up pass.

@@ -1,17 +1,12 @@
-"""Threads and SIMD path: the one place that knows about OpenMP and the CPU.
+"""Threads and SIMD path: the one place that knows about threads and the CPU.
 
 The thread count a call uses is ``min(cap, omp_get_max_threads())`` of the
 calling thread: ``cap`` is process-wide (set_num_threads), while OpenMP's own
 limit is per calling thread, so ``threadpoolctl.threadpool_limits`` and
-``OMP_NUM_THREADS`` keep working, also from Python worker threads.
-
-Fork safety: GNU libgomp's worker threads do not survive ``fork()``, and a
-child that starts a parallel region with the team its parent left behind
-waits forever for threads that no longer exist. So once a kernel has asked
-for more than one thread, a child forked from this process (``os.fork``,
-``multiprocessing`` with the fork start method) runs every kernel serially,
-on its calling thread; results are bitwise the same (they never depend on
-the thread count). A child forked before any kernel ran keeps its threads.
+``OMP_NUM_THREADS`` keep working, also from Python worker threads. OpenMP is
+only read for that limit: the kernels run on cpuattn's own worker pool
+(csrc/workers.h), one per process, shared by every kernel module through
+:func:`parallel_for`. A forked child gets a fresh pool on its first call.
 """
 import math
 import numbers
@@ -20,33 +15,28 @@ import warnings
 
 from .errors import ShapeError
 
-from ._engine cimport (CPA_ISA_COUNT, cpa_isa_best, cpa_isa_name, cpa_isa_supported,
-                       cpa_omp_max_threads, cpa_openmp_enabled)
+from ._engine cimport (CPA_ISA_COUNT, CPA_SPIN_US, cpa_isa_best, cpa_isa_name,
+                       cpa_isa_supported, cpa_omp_max_threads, cpa_openmp_enabled,
+                       cpa_parallel_for, cpa_workers_count)
 
 cdef int _cap = 1
 cdef int _isa = 0
-cdef int _team_used = 0      # a kernel may have started an OpenMP team here
-cdef int _fork_serial = 0    # forked after that: no usable team, run serially
 
 
-cdef inline int _threads_now() noexcept nogil:
-    if _fork_serial:
-        return 1
+cdef int effective_threads() noexcept nogil:
+    """Threads for a kernel call starting now."""
     cdef int omp = cpa_omp_max_threads()
     return _cap if _cap < omp else omp
 
 
-cdef int effective_threads() noexcept nogil:
-    """Threads for a kernel call starting now (marks the team as used)."""
-    global _team_used
-    cdef int n = _threads_now()
-    if n > 1:
-        _team_used = 1
-    return n
+cdef void parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx) noexcept nogil:
+    """cpa_parallel_for (csrc/workers.h): workers.c is linked into this module
+    only, so every kernel module that calls this shares one pool of threads."""
+    cpa_parallel_for(nthreads, n_items, fn, ctx)
 
 
 # Below this many (query row x key x head_dim) multiply-adds a call stays on
-# the calling thread: waking an OpenMP team costs microseconds.
+# the calling thread: waking sleeping workers costs microseconds.
 cdef int64_t SERIAL_WORK = 1 << 17
 
 
@@ -62,16 +52,9 @@ cdef int team_size(int64_t n_items, int64_t work) noexcept nogil:
     return nt
 
 
-def _after_fork_in_child():
-    global _fork_serial
-    if _team_used:
-        _fork_serial = 1
-
-
-def forked_serial():
-    """True in a process forked after a kernel used OpenMP threads: every
-    kernel call then runs on the calling thread only (see the module doc)."""
-    return bool(_fork_serial)
+def pool_info():
+    """The worker pool the kernels run on: what cpuattn.info() reports."""
+    return {"kind": "cpuattn workers", "spin_us": CPA_SPIN_US, "workers": cpa_workers_count()}
 
 
 cdef int current_isa() noexcept nogil:
@@ -114,9 +97,8 @@ def usable_cpus():
 
 def get_num_threads():
     """Threads a kernel call from this Python thread uses now:
-    ``min(set_num_threads cap, omp_get_max_threads())``, or 1 in a child
-    forked after the kernels used threads (see :func:`forked_serial`)."""
-    return _threads_now()
+    ``min(set_num_threads cap, omp_get_max_threads())``."""
+    return effective_threads()
 
 
 def set_num_threads(n):
@@ -176,5 +158,3 @@ def _init():
 
 
 _init()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

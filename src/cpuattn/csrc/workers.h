@@ -1,0 +1,36 @@
+/* cpuattn's own worker pool: the parallel loop of every kernel (issue 12).
+ *
+ * Why not OpenMP: GNU libgomp workers spin for milliseconds at barriers and
+ * between regions, and on a machine with fewer real CPUs than threads that
+ * spinning takes the core the thread holding the work needs. Its spin count
+ * is read once per process, from the environment, by whichever library
+ * loads libgomp first (torch ships one), so a library cannot bound it for
+ * its own calls only. This pool spins a bounded time and then sleeps, and
+ * hands out items one at a time, so a thread that has a core takes the rest.
+ *
+ * One job runs at a time. A caller that finds the pool busy (another Python
+ * thread's call) runs its items serially on its own thread instead of
+ * waiting: results never depend on the thread count or on which thread ran
+ * an item, so they are bitwise the same. After fork() the child has no
+ * workers and re-creates them on its first threaded call. */
+#ifndef CPUATTN_WORKERS_H
+#define CPUATTN_WORKERS_H
+#include <stdint.h>
+
+/* How long (microseconds) an idle worker, and a caller waiting for the last
+ * items, spin before sleeping: long enough to catch back-to-back kernel
+ * calls, short enough not to hold a shared core for long. */
+#define CPA_SPIN_US 50
+
+typedef void (*cpa_item_fn)(void *ctx, int64_t item, int tid);
+
+/* Run fn(ctx, item, tid) once for every item in [0, n_items), on up to
+ * nthreads threads; tid is in [0, nthreads) and unique among the threads
+ * running at once (the caller is tid 0), so per-thread scratch can be
+ * indexed by it. Returns when every item is done. fn must not fail. */
+void cpa_parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx);
+
+/* Worker threads alive now (the pool grows to the largest nthreads - 1 asked). */
+int cpa_workers_count(void);
+
+#endif
