@@ -172,18 +172,16 @@ CASES = [
          note="one long GQA sequence: fewer kv heads than cores"),
     Case("decode_dram_b16_ctx4096_fp32", "decode", _dram_batch(), 32, 8, 128, 4096,
          dtype="float32", note="DRAM-sized decode: KV >= 4x the last-level cache"),
-    # low-bit pages against bf16 pages, same shape (B16 ctx4096 H32:8 D128 p16:
-    # 268 MB of bf16 pages, far beyond the L3 here); fp32 queries
-    Case("decode_dram_b16_ctx4096_bf16", "decode", 16, 32, 8, 128, 4096, dtype="bfloat16",
-         note="baseline of the low-bit cases"),
-    Case("decode_dram_b16_ctx4096_int8", "decode", 16, 32, 8, 128, 4096, dtype="int8",
-         note="int8 pages, a float32 scale per token and kv head"),
-    Case("decode_dram_b16_ctx4096_int4", "decode", 16, 32, 8, 128, 4096, dtype="int4",
-         note="int4 pages, a float16 scale per 32 elements"),
-    Case("decode_dram_b16_ctx4096_e4m3", "decode", 16, 32, 8, 128, 4096, dtype="float8_e4m3fn",
-         note="fp8 e4m3 pages, scales per token and kv head"),
-    Case("decode_dram_b16_ctx4096_e5m2", "decode", 16, 32, 8, 128, 4096, dtype="float8_e5m2",
-         note="fp8 e5m2 pages, scales per token and kv head"),
+    # low-bit pages against bf16 pages, same shape: context 4096, H32:8, D128,
+    # page 16, fp32 queries; batch 16 (268 MB of bf16 pages), more where that
+    # is not 4x the last-level cache, so that every case reads from DRAM
+    *[Case(f"decode_dram_ctx4096_{tag}", "decode", _dram_batch(item=2), 32, 8, 128, 4096,
+           dtype=dtype, note=note) for tag, dtype, note in (
+        ("bf16", "bfloat16", "baseline of the low-bit cases"),
+        ("int8", "int8", "int8 pages, a float32 scale per token and kv head"),
+        ("int4", "int4", "int4 pages, a float16 scale per 32 elements"),
+        ("e4m3", "float8_e4m3fn", "fp8 e4m3 pages, scales per token and kv head"),
+        ("e5m2", "float8_e5m2", "fp8 e5m2 pages, scales per token and kv head"))],
     Case("decode_busy_core", "decode", 1, 4, 1, 128, 131072, dtype="float32", busy=True,
          note="MQA ctx131072 beside busy processes: default threads / 1 thread"),
     Case("decode_busy_core_torch_first", "decode", 1, 4, 1, 128, 131072, dtype="float32",
