@@ -334,3 +334,17 @@ def test_fuzz_low_bit_pool_state_machine(data):
             gk, gv = pool.gather(t)
             np.testing.assert_array_equal(gk, k)
             np.testing.assert_array_equal(gv, v)
+
+
+@pytest.mark.parametrize("kt,vt", [("int8", "int4"), ("float8_e4m3fn", "float8_e4m3fn")])
+def test_shared_prefix_pages(rng, kt, vt):
+    """Sequences whose chains share pages (a common prompt prefix) read the
+    same codes and scales, and give what their own copies would."""
+    K, Vv, bt, lens = lowbit_pages(rng, [48, 40], 16, 2, 64, kt, vt)
+    shared = bt.copy()
+    shared[1, :2] = bt[0, :2]            # sequence 1 reuses sequence 0's first 32 tokens
+    q = randn(rng, (2, 8, 64))
+    out = check(q, K, Vv, shared, lens)
+    alone = cpuattn.paged_attention(q[1:], K[0], Vv[0], shared[1:], lens[1:],
+                                    k_scale=K[1], v_scale=Vv[1])
+    np.testing.assert_array_equal(alone[0], out[1])

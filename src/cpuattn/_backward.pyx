@@ -13,7 +13,7 @@ cimport numpy as cnp
 
 from ._engine cimport (
     cpa_bwd_args, cpa_bwd_item, cpa_bwd_item_fn, cpa_bwd_plan, cpa_bwd_scratch_bytes,
-    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, i64, rows_of, set_mask)
+    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, rows_of, set_call)
 from ._forward import LAYOUTS
 from ._threads cimport current_isa, parallel_for, team_size
 
@@ -29,35 +29,18 @@ def backward(call, cnp.ndarray out, cnp.ndarray dout, cnp.ndarray lse, cnp.ndarr
     di: scratch shaped like lse (receives rowsum(dout * out)). Writes dq, dk
     and dv (shaped like call.q, call.k, call.v) in full.
     """
-    q_axes, kv_axes, lse_axes = LAYOUTS[call.layout]
-    cdef cnp.ndarray q = call.q, k = call.k, v = call.v
+    layout = LAYOUTS[call.layout]
+    q_axes, kv_axes, lse_axes = layout
     cdef cpa_bwd_args a
     memset(&a, 0, sizeof(a))
-    a.q = rows_of(q, q_axes)
-    a.out = rows_of(out, q_axes)
+    set_call(&a, call, layout, out, lse)
     a.dout = rows_of(dout, q_axes)
     a.dq = rows_of(dq, q_axes)
-    a.k = rows_of(k, kv_axes)
-    a.v = rows_of(v, kv_axes)
     a.dk = rows_of(dk, kv_axes)
     a.dv = rows_of(dv, kv_axes)
-    a.lse = rows_of(lse, lse_axes)
     a.di = rows_of(di, lse_axes)
-    a.num_heads = call.heads
-    a.num_kv_heads = call.kv_heads
-    a.head_dim_qk = call.head_dim
-    a.head_dim_v = call.head_dim_v
-    a.f64 = q.dtype.itemsize == 8
-    opts = call.opts
-    a.scale = opts.scale
-    a.softcap = opts.softcap
-    set_mask(&a.mask, opts)
+    a.f64 = call.q.dtype.itemsize == 8
     seqs = call.seqs
-    a.num_seqs = seqs.q_len.shape[0]
-    a.q_start = i64(seqs.q_start)
-    a.k_start = i64(seqs.k_start)
-    a.q_len = i64(seqs.q_len)
-    a.k_len = i64(seqs.k_len)
     cdef int64_t work = int((seqs.q_len * seqs.k_len).sum()) * a.num_heads * (
         a.head_dim_qk + a.head_dim_v)
     run(&a, work)

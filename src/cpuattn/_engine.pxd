@@ -137,3 +137,35 @@ cdef inline void set_mask(cpa_mask *m, opts):
     m.causal = opts.causal
     m.window_left = opts.window_left
     m.window_right = opts.window_right
+
+
+ctypedef fused engine_args:
+    cpa_fwd_args
+    cpa_bwd_args
+
+
+cdef inline void set_call(engine_args *a, call, tuple layout, out, lse):
+    """What the forward and backward engines take alike from a checked Call
+    (_validate.Call): the rows of q, k, v, out and lse by the layout's axes
+    (_forward.LAYOUTS), head counts and dims, options and sequences. The
+    caller keeps call, out and lse alive while the engine runs."""
+    q_axes, kv_axes, lse_axes = layout
+    a.q = rows_of(call.q, q_axes)
+    a.out = rows_of(out, q_axes)
+    a.k = rows_of(call.k, kv_axes)
+    a.v = rows_of(call.v, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
+    a.num_heads = call.heads
+    a.num_kv_heads = call.kv_heads
+    a.head_dim_qk = call.head_dim
+    a.head_dim_v = call.head_dim_v
+    opts = call.opts
+    a.scale = opts.scale
+    a.softcap = opts.softcap
+    set_mask(&a.mask, opts)
+    seqs = call.seqs
+    a.num_seqs = seqs.q_len.shape[0]
+    a.q_start = i64(seqs.q_start)
+    a.k_start = i64(seqs.k_start)
+    a.q_len = i64(seqs.q_len)
+    a.k_len = i64(seqs.k_len)

@@ -13,9 +13,9 @@ import numpy as np
 
 from ._engine cimport (
     cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
-    cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one, i64,
+    cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one,
     CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_bits,
-    cpa_rows, rows_of, set_mask)
+    cpa_rows, rows_of, set_call)
 from ._threads cimport current_isa, parallel_for, team_size
 
 cnp.import_array()
@@ -48,34 +48,15 @@ LAYOUTS = {
 def forward(call, cnp.ndarray out, lse):
     """Run a checked call (``_validate.Call``) into out (and lse, or None),
     allocated by ``_validate.outputs``; see forward.h for the layout."""
-    q_axes, kv_axes, lse_axes = LAYOUTS[call.layout]
     cdef cnp.ndarray q = call.q, k = call.k, v = call.v
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
-    a.q = rows_of(q, q_axes)
-    a.out = rows_of(out, q_axes)
-    a.k = rows_of(k, kv_axes)
-    a.v = rows_of(v, kv_axes)
-    a.lse = rows_of(lse, lse_axes)
-    a.num_heads = call.heads
-    a.num_kv_heads = call.kv_heads
-    a.head_dim_qk = call.head_dim
-    a.head_dim_v = call.head_dim_v
+    set_call(&a, call, LAYOUTS[call.layout], out, lse)
     a.q_dtype = _float_code(q)
     a.k_dtype = _kv_code(k)
     a.v_dtype = _kv_code(v)
     a.k_scale = _scale_rows(call.k_scale)
     a.v_scale = _scale_rows(call.v_scale)
-    opts = call.opts
-    a.scale = opts.scale
-    a.softcap = opts.softcap
-    set_mask(&a.mask, opts)
-    seqs = call.seqs
-    a.num_seqs = seqs.q_len.shape[0]
-    a.q_start = i64(seqs.q_start)
-    a.k_start = i64(seqs.k_start)
-    a.q_len = i64(seqs.q_len)
-    a.k_len = i64(seqs.k_len)
     cdef cnp.ndarray bt
     if call.block_table is not None:
         bt = call.block_table

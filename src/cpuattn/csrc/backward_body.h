@@ -1,5 +1,5 @@
-/* Backward work items for one (ISA, compute type T). Included by
- * backward_isa.h after simd_t.h for the same ISA and T.
+/* Backward work items for one (ISA, compute type T), over its vector layer
+ * (simd_t.h, included here). Included by backward_isa.h once per T.
  *
  * Each pass keeps its scores in the layout that lets every tile product be
  * one of simd_t.h's register-blocked micro-kernels with K/V or Q/dO rows read
@@ -11,6 +11,7 @@
  * Hidden entries are set to exactly 0 by a select (never by multiplying), so
  * NaN/inf in keys or values a row does not see cannot reach its gradients.
  */
+#include "simd_t.h"
 
 typedef struct {
     T *ta, *tb, *acc1, *acc2, *p, *ds, *lse, *di, *zero;
@@ -169,20 +170,6 @@ static void TN(grad_scores_rows)(const cpa_bwd_args *a, int64_t j0, int64_t n, i
             TN(vst)(pr + c, p);
             TN(vst)(dr + c, ds);
         }
-    }
-}
-
-/* C^T[d][:] += sum_k X[k][d] * B[k][:] for d < D, lanes < ncols; X given by
- * K row pointers, B and C with leading dimension ld. */
-static void TN(acc_cols)(int64_t K, const T *const *xrow, int64_t D, const T *B, T *C,
-                         int64_t ld, int64_t ncols)
-{
-    for (int64_t c = 0; c < ncols; c += NVL) {
-        int64_t d0 = 0;
-        for (; d0 + MR <= D; d0 += MR)
-            TN(mk_cols)(K, xrow, d0, B + c, ld, C + d0 * ld + c, ld);
-        for (; d0 < D; d0++)
-            TN(mk_cols1)(K, xrow, d0, B + c, ld, C + d0 * ld + c);
     }
 }
 

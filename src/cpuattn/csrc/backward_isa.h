@@ -4,23 +4,8 @@
  * backward computes in float32/float64 only, so a bfloat16-only path
  * compiles nothing and dispatch takes its fallback path's kernels. */
 #if !CPA_REGION_BF16_ONLY
-#define T float
-#define T_IS_F64 0
-#define TTAG f32
-#include "simd_t.h"
-#include "backward_body.h"
-#undef T
-#undef T_IS_F64
-#undef TTAG
-
-#define T double
-#define T_IS_F64 1
-#define TTAG f64
-#include "simd_t.h"
-#include "backward_body.h"
-#undef T
-#undef T_IS_F64
-#undef TTAG
+#define CPA_T_BODY "backward_body.h"
+#include "each_t.h"
 
 static const cpa_bwd_item_fn CPA_CAT2(bwd_kernels, ISA_TAG)[2][2] = {
     [CPA_BWD_KV] = { CPA_CAT3(kv_item, ISA_TAG, f32), CPA_CAT3(kv_item, ISA_TAG, f64) },

@@ -237,20 +237,8 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
     return ni;
 }
 
-#define T float
-#define T_IS_F64 0
-#define TTAG f32
-#include "rowio_t.h"
-#undef T
-#undef T_IS_F64
-#undef TTAG
-#define T double
-#define T_IS_F64 1
-#define TTAG f64
-#include "rowio_t.h"
-#undef T
-#undef T_IS_F64
-#undef TTAG
+#define CPA_T_BODY "rowio_t.h"
+#include "each_t.h"
 #define RN_CALL(x) CPA_CAT2(x, TTAG)
 
 #define CPA_ISA_BODY "forward_isa.h"

@@ -209,13 +209,7 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                 TN(mk_cols_bf16)(1, n2, VP, Dv, d0, PP + c, Mp, OT + d0 * Mp + c, Mp);
         }
 #else
-        for (int64_t c = 0; c < Mp; c += NVL) {
-            int64_t d0 = 0;
-            for (; d0 + MR <= Dv; d0 += MR)
-                TN(mk_cols)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c, Mp);
-            for (; d0 < Dv; d0++)
-                TN(mk_cols1)(n, vrow, d0, ST + c, Mp, OT + d0 * Mp + c);
-        }
+        TN(acc_cols)(n, vrow, Dv, ST, OT, Mp, Mp);
 #endif
         for (int64_t f = 0; f < nfix; f++) {
             const int64_t i = fix[f], j = j0 + i;

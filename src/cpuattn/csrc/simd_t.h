@@ -269,6 +269,20 @@ static inline void TN(mk_cols1)(int64_t K, const T *const *acol, int64_t off, co
         TN(vst)(C + j * VL, c[j]);
 }
 
+/* C^T[d][:] += sum_k X[k][d] * B[k][:] for d < D, lanes < ncols; X given by
+ * K row pointers, B and C with leading dimension ld. */
+static void TN(acc_cols)(int64_t K, const T *const *xrow, int64_t D, const T *B, T *C,
+                         int64_t ld, int64_t ncols)
+{
+    for (int64_t c = 0; c < ncols; c += NVL) {
+        int64_t d0 = 0;
+        for (; d0 + MR <= D; d0 += MR)
+            TN(mk_cols)(K, xrow, d0, B + c, ld, C + d0 * ld + c, ld);
+        for (; d0 < D; d0++)
+            TN(mk_cols1)(K, xrow, d0, B + c, ld, C + d0 * ld + c);
+    }
+}
+
 #if CPA_HAS_DPBF16 && !T_IS_F64 && VBYTES == 64
 /* mk_rows on bfloat16 pairs with vdpbf16ps: C[i][:] = scale * sum_k
  * arow[i][k] * B[k][:]. arow are bf16 rows with an even length (an odd K is
