@@ -44,6 +44,7 @@ cdef extern from "platform.h" nogil:
 
 cdef extern from "workers.h" nogil:
     int CPA_SPIN_US
+    int CPA_YIELD_US
     ctypedef void (*cpa_item_fn)(void *ctx, int64_t item, int tid) noexcept nogil
     void cpa_parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx)
     int cpa_workers_count()

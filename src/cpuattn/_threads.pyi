@@ -4,6 +4,7 @@ from typing import TypedDict
 class _PoolInfo(TypedDict):
     kind: str
     spin_us: int
+    yield_us: int
     workers: int
 
 def pool_info() -> _PoolInfo: ...

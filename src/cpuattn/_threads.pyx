@@ -15,7 +15,7 @@ import warnings
 
 from .errors import ShapeError
 
-from ._engine cimport (CPA_ISA_COUNT, CPA_SPIN_US, cpa_isa_best, cpa_isa_name,
+from ._engine cimport (CPA_ISA_COUNT, CPA_SPIN_US, CPA_YIELD_US, cpa_isa_best, cpa_isa_name,
                        cpa_isa_supported, cpa_omp_max_threads, cpa_openmp_enabled,
                        cpa_parallel_for, cpa_workers_count)
 
@@ -54,7 +54,8 @@ cdef int team_size(int64_t n_items, int64_t work) noexcept nogil:
 
 def pool_info():
     """The worker pool the kernels run on: what cpuattn.info() reports."""
-    return {"kind": "cpuattn workers", "spin_us": CPA_SPIN_US, "workers": cpa_workers_count()}
+    return {"kind": "cpuattn workers", "spin_us": CPA_SPIN_US, "yield_us": CPA_YIELD_US,
+            "workers": cpa_workers_count()}
 
 
 cdef int current_isa() noexcept nogil:

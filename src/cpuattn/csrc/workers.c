@@ -14,6 +14,7 @@
 #include "workers.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdalign.h>
 #include <stdatomic.h>
@@ -61,22 +62,24 @@ static int all_done(const void *n)
     return atomic_load_explicit(&P.done, memory_order_acquire) == *(const int64_t *)n;
 }
 
-/* Spin until ready(arg), for at most CPA_SPIN_US; returns whether it got ready.
- * The clock is read every 32 pauses: a call costs about as much as they do. */
+/* Wait until ready(arg) without sleeping, for at most CPA_YIELD_US (see
+ * workers.h): pauses until CPA_SPIN_US, then a sched_yield after every 32
+ * looks; returns whether it got ready. The clock is read every 32 pauses:
+ * a call costs about as much as they do. */
 static int spin_until(int (*ready)(const void *), const void *arg)
 {
-    int64_t deadline = 0;
-    for (unsigned k = 1;; k++) {
-        if (ready(arg))
-            return 1;
-        cpu_relax();
-        if (k % 32 == 0) {
-            int64_t t = now_ns();
-            if (deadline == 0)
-                deadline = t + CPA_SPIN_US * 1000;
-            else if (t > deadline)
-                return 0;
+    const int64_t start = now_ns();
+    for (;;) {
+        for (int i = 0; i < 32; i++) {
+            if (ready(arg))
+                return 1;
+            cpu_relax();
         }
+        const int64_t waited = now_ns() - start;
+        if (waited > CPA_YIELD_US * 1000)
+            return 0;
+        if (waited > CPA_SPIN_US * 1000)
+            sched_yield();
     }
 }
 
