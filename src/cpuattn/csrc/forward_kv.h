@@ -107,14 +107,14 @@ static inline V FN(ldkv)(const KS *p)
 #elif KS_KIND == CPA_KIND_F16
     V v; for (int i = 0; i < VL; i++) v[i] = cpa_f16_to_f32(p[i]); return v;
 #elif KS_KIND == CPA_KIND_I8
-    return __builtin_convertvector(TN(ld_i8)(p), V);
+    return __builtin_convertvector(TN(ld_bytes)(p, 1), V);
 #elif KS_KIND == CPA_KIND_E5M2 && CPA_HAS_F16C && VBYTES == 64
     /* an e5m2 byte is the top byte of a float16 */
     return (V)_mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8));
 #elif KS_KIND == CPA_KIND_E5M2 && CPA_HAS_F16C && VBYTES == 32
     return (V)_mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8));
 #elif KS_KIND == CPA_KIND_E4M3 || KS_KIND == CPA_KIND_E5M2
-    return FN(fp8_lanes)((FN(u32v))TN(ld_u8)(p));
+    return FN(fp8_lanes)((FN(u32v))TN(ld_bytes)(p, 0));
 #endif
 }
 #endif
@@ -162,7 +162,7 @@ static inline void FN(ld_pairs)(const KS *row, const void *s, int64_t d, V *even
     *odd = (V)_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), tab);
 #else
     typedef uint32_t u_t __attribute__((vector_size(VBYTES)));
-    const VI w = TN(ld_i8)(KS_AT(row, d));   /* sign-extended bytes */
+    const VI w = TN(ld_bytes)(KS_AT(row, d), 1);   /* sign-extended bytes */
     const V g = TN(vset1)(FN(scale_at)(s, d));
     *even = __builtin_convertvector((VI)((u_t)w << 28) >> 28, V) * g;
     *odd = __builtin_convertvector(w >> 4, V) * g;

@@ -104,27 +104,21 @@ static inline __attribute__((always_inline)) void TN(hsum_tile)(V a[4][4], T *s,
 #endif
 
 #if !T_IS_F64
-/* VL bytes at p as 32-bit lanes, sign-extended (i8) or zero-extended (u8):
+/* VL bytes at p as 32-bit lanes, sign-extended (sign) or zero-extended:
  * one widening load where the ISA has it (GCC's generic vector conversion
  * of bytes is scalarised). */
-static inline VI TN(ld_i8)(const void *p)
+static inline VI TN(ld_bytes)(const void *p, const int sign)
 {
 #if VBYTES == 64 && defined(__AVX512F__)
-    return (VI)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return (VI)(sign ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
 #elif VBYTES == 32 && defined(__AVX2__)
-    return (VI)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return (VI)(sign ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
 #else
-    VI w; for (int i = 0; i < VL; i++) w[i] = ((const int8_t *)p)[i]; return w;
-#endif
-}
-static inline VI TN(ld_u8)(const void *p)
-{
-#if VBYTES == 64 && defined(__AVX512F__)
-    return (VI)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif VBYTES == 32 && defined(__AVX2__)
-    return (VI)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    VI w; for (int i = 0; i < VL; i++) w[i] = ((const uint8_t *)p)[i]; return w;
+    VI w;
+    for (int i = 0; i < VL; i++) w[i] = sign ? ((const int8_t *)p)[i] : ((const uint8_t *)p)[i];
+    return w;
 #endif
 }
 #endif
