@@ -6,14 +6,14 @@ passes on the worker pool (csrc/workers.h) with the GIL released, the q pass
 (dQ and Di) then the kv pass (dK, dV); each item writes its own gradient rows, so no atomics are needed
 and results do not depend on the thread count.
 """
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 cimport numpy as cnp
 
 from ._engine cimport (
     cpa_bwd_args, cpa_bwd_item, cpa_bwd_item_fn, cpa_bwd_plan, cpa_bwd_scratch_bytes,
-    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, rows_of, set_call)
+    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, rows_of, set_call, thread_scratch)
 from ._forward import LAYOUTS
 from ._threads cimport current_isa, parallel_for, team_size
 
@@ -78,11 +78,8 @@ cdef void run(cpa_bwd_args *a, int64_t work) except *:
         cpa_bwd_plan(a, CPA_BWD_KV, kv_items)
         cpa_bwd_plan(a, CPA_BWD_Q, q_items)
         nt = team_size(n_kv if n_kv > n_q else n_q, work)
-        scratch_raw = <char *>malloc(per_thread * nt + 64)
-        if scratch_raw == NULL:
-            raise MemoryError("cpuattn: cannot allocate kernel scratch")
         q_pass.a = a
-        q_pass.scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
+        q_pass.scratch = thread_scratch(&scratch_raw, per_thread, nt)
         q_pass.per_thread = per_thread
         kv_pass = q_pass
         q_pass.kernel, q_pass.items = q_kernel, q_items

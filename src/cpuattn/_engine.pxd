@@ -1,6 +1,7 @@
 # The engine's C interface (csrc/engine.h, forward.h, backward.h,
 # platform.h, workers.h), declared once for every Cython module that drives it.
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdlib cimport malloc
 cimport numpy as cnp
 
 cdef extern from "engine.h" nogil:
@@ -58,10 +59,7 @@ cdef extern from "forward.h" nogil:
         double scale, softcap
         cpa_mask mask
         int64_t num_seqs
-        const int64_t *q_start
-        const int64_t *k_start
-        const int64_t *q_len
-        const int64_t *k_len
+        const int64_t *q_start, *k_start, *q_len, *k_len
         const int32_t *block_table
         int64_t bt_stride, page_size
     ctypedef struct cpa_fwd_item:
@@ -89,10 +87,7 @@ cdef extern from "backward.h" nogil:
         double scale, softcap
         cpa_mask mask
         int64_t num_seqs
-        const int64_t *q_start
-        const int64_t *k_start
-        const int64_t *q_len
-        const int64_t *k_len
+        const int64_t *q_start, *k_start, *q_len, *k_len
     ctypedef struct cpa_bwd_item:
         int64_t seq
         int32_t kvh, block
@@ -102,6 +97,15 @@ cdef extern from "backward.h" nogil:
     size_t cpa_bwd_scratch_bytes(const cpa_bwd_args *a)
     cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass_, int isa)
 
+
+
+cdef inline char *thread_scratch(char **raw, size_t per_thread, int nt) except NULL:
+    """per_thread bytes (a multiple of 64) for each of nt threads, 64-byte
+    aligned; *raw receives what to free()."""
+    raw[0] = <char *>malloc(per_thread * nt + 64)
+    if raw[0] == NULL:
+        raise MemoryError("cpuattn: cannot allocate kernel scratch")
+    return <char *>((<uintptr_t>raw[0] + 63) & ~(<uintptr_t>63))
 
 
 cdef inline const int64_t *i64(cnp.ndarray a) noexcept:

@@ -5,7 +5,7 @@ indices. Work items run on the worker pool (csrc/workers.h) with the GIL
 released, claimed one at a time; each thread has its own scratch; split-KV partials are merged in a second loop in
 a fixed order, so results do not depend on the thread count.
 """
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 cimport numpy as cnp
@@ -15,7 +15,7 @@ from ._engine cimport (
     cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
     cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one,
     CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_bits,
-    cpa_rows, rows_of, set_call)
+    cpa_rows, rows_of, set_call, thread_scratch)
 from ._threads cimport current_isa, parallel_for, team_size
 
 cnp.import_array()
@@ -139,15 +139,12 @@ cdef void run(cpa_fwd_args *a) except *:
         if per_thread < <size_t>((max_split + a.head_dim_v) * 8 + 64):
             per_thread = <size_t>((max_split + a.head_dim_v) * 8 + 64)
         per_thread = (per_thread + 63) // 64 * 64
-        scratch_raw = <char *>malloc(per_thread * nt + 64)
-        if scratch_raw == NULL:
-            raise MemoryError("cpuattn: cannot allocate kernel scratch")
+        job.scratch = thread_scratch(&scratch_raw, per_thread, nt)
         if n_slots > 0:
             partials = <char *>malloc(n_slots * cpa_fwd_slot_bytes(a))
             if partials == NULL:
                 raise MemoryError("cpuattn: cannot allocate split-KV partials")
         job.a, job.kernel, job.items, job.merges = a, kernel, items, merges
-        job.scratch = <char *>((<uintptr_t>scratch_raw + 63) & ~(<uintptr_t>63))
         job.per_thread, job.partials = per_thread, partials
         with nogil:
             parallel_for(nt, n_items, _run_item, &job)

@@ -66,6 +66,8 @@ cdef extern from "pool.h" nogil:
     void cpa_pool_fork_parent(cpa_pool *p)
     void cpa_pool_fork_child(cpa_pool *p)
 
+ctypedef int (*seq_query)(cpa_pool *p, int64_t seq, int64_t *out) noexcept nogil
+
 _INT64_MAX = 2**63 - 1
 
 
@@ -115,6 +117,13 @@ def _seq_id(seq, name="seq"):
     if not 0 <= seq <= _INT64_MAX:
         raise PageError(f"{name}: unknown sequence id {seq}")
     return seq
+
+
+cdef inline int _check(int rc, seq) except -1:
+    """Raise the error of a pool status other than CPA_POOL_OK for sequence seq."""
+    if rc != CPA_POOL_OK:
+        raise _seq_error(rc, seq)
+    return 0
 
 
 def _seq_error(int rc, seq, name="seq"):
@@ -312,15 +321,18 @@ cdef class PagePool:
             raise _seq_error(rc, None)
         return sid
 
-    def seq_len(self, seq):
-        """Number of tokens in sequence ``seq``. PageError if unknown or freed."""
-        cdef int64_t sid = _seq_id(seq), length = 0
+    cdef int64_t _ask(self, seq_query f, seq) except? -1:
+        """f(pool, seq id, &out) for sequence seq, checked: out."""
+        cdef int64_t sid = _seq_id(seq), out = 0
         cdef int rc
         with nogil:
-            rc = cpa_pool_seq_len(self._p, sid, &length)
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
-        return length
+            rc = f(self._p, sid, &out)
+        _check(rc, seq)
+        return out
+
+    def seq_len(self, seq):
+        """Number of tokens in sequence ``seq``. PageError if unknown or freed."""
+        return self._ask(cpa_pool_seq_len, seq)
 
     def _rows(self, x, name, int i):
         """x as contiguous rows of plane K (0) or V (1) in its storage: the
@@ -385,21 +397,14 @@ cdef class PagePool:
         if rc == CPA_POOL_ETOOLONG:
             raise ShapeError(f"k: sequence {seq} would exceed {V.INDEX_MAX} tokens "
                              f"with {n} more")
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
+        _check(rc, seq)
 
     def fork(self, seq):
         """A new sequence sharing all of ``seq``'s pages (reference counted);
         returns its id. Appends to either copy the shared partial last page
         first, so neither sees the other's new tokens. PageError if ``seq`` is
         unknown or freed."""
-        cdef int64_t sid = _seq_id(seq), new = 0
-        cdef int rc
-        with nogil:
-            rc = cpa_pool_fork(self._p, sid, &new)
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
-        return new
+        return self._ask(cpa_pool_fork, seq)
 
     def truncate(self, seq, length):
         """Keep the first ``length`` tokens of ``seq``; pages no longer used are
@@ -422,8 +427,7 @@ cdef class PagePool:
         if rc == CPA_POOL_ELEN:
             raise ShapeError(f"length: expected at most seq_len ({cur}) of sequence {seq}, "
                              f"got {length}")
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
+        _check(rc, seq)
 
     def free_sequence(self, seq):
         """Free sequence ``seq``: its id becomes invalid and each of its pages
@@ -433,8 +437,7 @@ cdef class PagePool:
         cdef int rc
         with nogil:
             rc = cpa_pool_free_seq(self._p, sid)
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
+        _check(rc, seq)
 
     def pages(self, seq):
         """The page chain of ``seq``: int32 ``(ceil(seq_len / page_size),)``, a
@@ -449,8 +452,7 @@ cdef class PagePool:
             data, cap = <int32_t *>cnp.PyArray_DATA(out), npages
             with nogil:
                 rc = cpa_pool_pages(self._p, sid, data, cap, &npages)
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
+        _check(rc, seq)
         return out[:npages]
 
     def gather(self, seq):
@@ -468,8 +470,7 @@ cdef class PagePool:
             cap = length
             with nogil:
                 rc = cpa_pool_gather(self._p, sid, out, cap, &length)
-        if rc != CPA_POOL_OK:
-            raise _seq_error(rc, seq)
+        _check(rc, seq)
         return tuple(self._decode(bufs[i][:length], bufs[2 + i][:length], i) for i in range(2))
 
     def _decode(self, rows, scales, int i):

@@ -162,6 +162,12 @@ cdef double _read_pass(const float *p, int64_t n, double *partial, int nt,
     return total
 
 
+def _rates(unit, amount, times):
+    """Median and best rate (amount per second) of timed runs, and the times."""
+    return {f"median_{unit}": amount / statistics.median(times),
+            f"best_{unit}": amount / min(times), "times_s": times}
+
+
 def read_bandwidth(nbytes=None, repeats=5):
     """Streaming read bandwidth of main memory, in GB/s (1e9 bytes/s).
 
@@ -208,9 +214,7 @@ def read_bandwidth(nbytes=None, repeats=5):
     best = min(readers, key=lambda r: statistics.median(readers[r]))
     times = readers[best]
     return {
-        "median_gbps": nb / statistics.median(times) / 1e9,
-        "best_gbps": nb / min(times) / 1e9,
-        "times_s": times,
+        **_rates("gbps", nb / 1e9, times),
         "nbytes": nb,
         "threads": nt,
         "reader": "4 streams + prefetch" if best == 4 else "1 stream",
@@ -265,9 +269,7 @@ def gemm_gflops(n=2048, repeats=5, threads=None):
             times.append(time.perf_counter() - t0)
     flops = 2.0 * n ** 3
     return {
-        "median_gflops": flops / statistics.median(times) / 1e9,
-        "best_gflops": flops / min(times) / 1e9,
-        "times_s": times,
+        **_rates("gflops", flops / 1e9, times),
         "n": n,
         "threads": threads,
         "threads_limited": limited,

@@ -173,6 +173,19 @@ static void TN(grad_scores_rows)(const cpa_bwd_args *a, int64_t j0, int64_t n, i
     }
 }
 
+/* The two tile products of a pass over nr rows (a multiple of MR) and nc
+ * lanes (a multiple of NVL), leading dimension ld: o1 = r1 b1 (scores, Dk
+ * deep) and o2 = r2 b2 (dP, Dv deep), rows given by pointers. */
+static void TN(tile_pair)(int64_t nr, int64_t nc, int64_t ld, int64_t Dk, const T *const *r1,
+                          const T *b1, T *o1, int64_t Dv, const T *const *r2, const T *b2, T *o2)
+{
+    for (int64_t i0 = 0; i0 < nr; i0 += MR)
+        for (int64_t c = 0; c < nc; c += NVL) {
+            TN(mk_rows)(Dk, r1 + i0, b1 + c, ld, o1 + i0 * ld + c, ld);
+            TN(mk_rows)(Dv, r2 + i0, b2 + c, ld, o2 + i0 * ld + c, ld);
+        }
+}
+
 /* kv pass: dK and dV of one key block of one kv head, summed over every query
  * row (all tokens, all query heads of the group) that sees one of its keys. */
 static void TN(kv_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scratch)
@@ -211,11 +224,7 @@ static void TN(kv_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scr
     for (int64_t t0 = ta; t0 <= tb; t0 += bq) {
         const int64_t nt = cpa_min(bq, tb + 1 - t0), M = nt * g;
         const int64_t Mr = TN(load_rows)(a, b, kvh, t0, nt, MR, 0, &w);
-        for (int64_t i0 = 0; i0 < Mr; i0 += MR)
-            for (int64_t c = 0; c < ncp; c += NVL) {
-                TN(mk_rows)(Dk, w.qrow + i0, kt + c, BK, w.p + i0 * BK + c, BK);
-                TN(mk_rows)(Dv, w.dorow + i0, vt + c, BK, w.ds + i0 * BK + c, BK);
-            }
+        TN(tile_pair)(Mr, ncp, BK, Dk, w.qrow, kt, w.p, Dv, w.dorow, vt, w.ds);
         TN(grad_scores_keys)(a, j0, Mr, ncp, &w);
         TN(acc_cols)(M, w.dorow, Dv, w.p, dvt, BK, ncp);
         TN(acc_cols)(M, w.qrow, Dk, w.ds, dkt, BK, ncp);
@@ -279,11 +288,7 @@ static void TN(q_item)(const cpa_bwd_args *a, const cpa_bwd_item *it, char *scra
                 w.kuse[i] = w.zero;
             }
         }
-        for (int64_t i0 = 0; i0 < nkp; i0 += MR)
-            for (int64_t c = 0; c < Mp; c += NVL) {
-                TN(mk_rows)(Dk, w.krow + i0, qt + c, Mp, w.p + i0 * Mp + c, Mp);
-                TN(mk_rows)(Dv, w.vrow + i0, dot + c, Mp, w.ds + i0 * Mp + c, Mp);
-            }
+        TN(tile_pair)(nkp, Mp, Mp, Dk, w.krow, qt, w.p, Dv, w.vrow, dot, w.ds);
         TN(grad_scores_rows)(a, j0, n, Mp, &w);
         TN(acc_cols)(n, w.kuse, Dk, w.ds, dqt, Mp, Mp);
         for (int64_t f = 0; f < nfix; f++) {
