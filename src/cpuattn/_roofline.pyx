@@ -107,37 +107,34 @@ def default_read_bytes():
     return max(4 * llc, 256 << 20) if llc else 1 << 30
 
 
-# The array in CHUNK-float chunks, split statically over nt parts (the pool's
-# items), part t being chunks [t * nchunks / nt, (t + 1) * nchunks / nt).
+# The array in CHUNK-float chunks, one pool item each: claimed one at a
+# time, so a thread that starts late (waking, or without a core) reads less
+# instead of leaving a whole 1/nt of the array to the end.
 ctypedef struct chunks:
     float *p
     int64_t n, nchunks
-    int nt, streams
+    int streams
     double *partial
 
 
-cdef void _touch_part(void *ctx, int64_t t, int tid) noexcept nogil:
+cdef void _touch_chunk(void *ctx, int64_t k, int tid) noexcept nogil:
     cdef chunks *c = <chunks *>ctx
-    cdef int64_t k, lo
-    for k in range(c.nchunks * t // c.nt, c.nchunks * (t + 1) // c.nt):
-        lo = k * CHUNK
-        cpa_fill_f32(c.p + lo, min(CHUNK, c.n - lo), 1.0)
+    cdef int64_t lo = k * CHUNK
+    cpa_fill_f32(c.p + lo, min(CHUNK, c.n - lo), 1.0)
 
 
-cdef void _read_part(void *ctx, int64_t t, int tid) noexcept nogil:
+cdef void _read_chunk(void *ctx, int64_t k, int tid) noexcept nogil:
     cdef chunks *c = <chunks *>ctx
-    cdef int64_t k, lo
-    for k in range(c.nchunks * t // c.nt, c.nchunks * (t + 1) // c.nt):
-        lo = k * CHUNK
-        if c.streams == 4:
-            c.partial[k] = cpa_sum4_f32(c.p + lo, min(CHUNK, c.n - lo))
-        else:
-            c.partial[k] = cpa_sum_f32(c.p + lo, min(CHUNK, c.n - lo))
+    cdef int64_t lo = k * CHUNK
+    if c.streams == 4:
+        c.partial[k] = cpa_sum4_f32(c.p + lo, min(CHUNK, c.n - lo))
+    else:
+        c.partial[k] = cpa_sum_f32(c.p + lo, min(CHUNK, c.n - lo))
 
 
-cdef chunks _chunks_of(float *p, int64_t n, int nt) noexcept nogil:
+cdef chunks _chunks_of(float *p, int64_t n) noexcept nogil:
     cdef chunks c
-    c.p, c.n, c.nt = p, n, nt
+    c.p, c.n = p, n
     c.nchunks = (n + CHUNK - 1) // CHUNK
     c.streams = 1
     c.partial = NULL
@@ -146,15 +143,15 @@ cdef chunks _chunks_of(float *p, int64_t n, int nt) noexcept nogil:
 
 cdef void _touch(float *p, int64_t n, int nt) noexcept nogil:
     """Write every page from the threads that will read it (first touch)."""
-    cdef chunks c = _chunks_of(p, n, nt)
-    parallel_for(nt, nt, _touch_part, &c)
+    cdef chunks c = _chunks_of(p, n)
+    parallel_for(nt, c.nchunks, _touch_chunk, &c)
 
 
 cdef double _read_pass(const float *p, int64_t n, double *partial, int nt,
                        int streams) noexcept nogil:
-    cdef chunks c = _chunks_of(<float *>p, n, nt)
+    cdef chunks c = _chunks_of(<float *>p, n)
     c.streams, c.partial = streams, partial
-    parallel_for(nt, nt, _read_part, &c)
+    parallel_for(nt, c.nchunks, _read_chunk, &c)
     cdef double total = 0.0
     cdef int64_t k
     for k in range(c.nchunks):
