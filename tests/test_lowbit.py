@@ -348,3 +348,26 @@ def test_shared_prefix_pages(rng, kt, vt):
     alone = cpuattn.paged_attention(q[1:], K[0], Vv[0], shared[1:], lens[1:],
                                     k_scale=K[1], v_scale=Vv[1])
     np.testing.assert_array_equal(alone[0], out[1])
+
+
+@pytest.mark.parametrize("kt,vt", [("int8", "int4"), ("float8_e4m3fn", "float16"),
+                                   ("int4", "float8_e5m2")])
+def test_checked_fast_path_equals_general_path(rng, kt, vt):
+    """Plain decode calls take the C-checked fast path (no out=); with out=
+    they take the general checks: the same bytes either way, and strided
+    scales (copied by the general path) give them too."""
+    K, Vv, bt, lens = lowbit_pages(rng, [90, 1, 33], 16, 2, 64, kt, vt)
+    q = randn(rng, (3, 8, 64))
+    fast = cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=K[1], v_scale=Vv[1])
+    out = np.empty_like(fast)
+    cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=K[1], v_scale=Vv[1], out=out)
+    np.testing.assert_array_equal(fast, out)
+    strided = [None if s is None else np.asfortranarray(s) for s in (K[1], Vv[1])]
+    np.testing.assert_array_equal(
+        cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=strided[0], v_scale=strided[1]),
+        fast)
+    if kt.startswith("float8"):   # a per-tensor scale, as a float and as a numpy scalar
+        a = cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=2.0, v_scale=Vv[1])
+        b = cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=np.float32(2.0),
+                                    v_scale=Vv[1], out=np.empty_like(fast))
+        np.testing.assert_array_equal(a, b)

@@ -14,7 +14,8 @@ import numpy as np
 from ._engine cimport (
     cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
     cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one,
-    CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_DTYPE_COUNT, cpa_dtype_name, cpa_dtype_bits,
+    CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_I8, CPA_I4, CPA_E4M3, CPA_E5M2, CPA_DTYPE_COUNT,
+    cpa_dtype_name, cpa_dtype_bits,
     cpa_rows, rows_of, set_call, thread_scratch)
 from ._threads cimport current_isa, parallel_for, team_size
 
@@ -205,10 +206,59 @@ cdef bint _real(object x):
     return (type(x) is float or type(x) is int) and isfinite(<double>x)
 
 
+cdef int _page_code(cnp.ndarray x):
+    """Kernel code of page storage, or -1: float, int8, int4 (uint8), fp8."""
+    cdef int c = _float_code(x)
+    if c >= 0:
+        return c
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t == cnp.NPY_INT8:
+        return CPA_I8
+    if t == cnp.NPY_UINT8:
+        return CPA_I4
+    if t >= 256:   # ml_dtypes' fp8 types
+        name = x.dtype.name
+        if name == "float8_e4m3fn":
+            return CPA_E4M3
+        if name == "float8_e5m2":
+            return CPA_E5M2
+    return -1
+
+
+_NOT_PLAIN = object()
+
+
+cdef object _plain_scale(object s, int code, cnp.npy_intp *pd, int64_t d):
+    """The scale array the kernel reads for pages of `code` (dims pd, head
+    dim d): None for float pages, a 1-element array for a per-tensor fp8
+    scale; _NOT_PLAIN for anything else (the general checks decide)."""
+    if cpa_dtype_bits(code) >= 16:
+        return None if s is None else _NOT_PLAIN
+    if (code == CPA_E4M3 or code == CPA_E5M2) and (
+            s is None or (type(s) is float and isfinite(<double>s) and s >= 0)):
+        return np.full(1, 1.0 if s is None else s, np.float32)
+    if type(s) is not np.ndarray:
+        return _NOT_PLAIN
+    cdef cnp.ndarray a = s
+    cdef int want = cnp.NPY_FLOAT16 if code == CPA_I4 else cnp.NPY_FLOAT32
+    cdef int nd = 4 if code == CPA_I4 else 3
+    if (cnp.PyArray_TYPE(a) != want or cnp.PyArray_NDIM(a) != nd
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+        return _NOT_PLAIN
+    cdef cnp.npy_intp *sd = cnp.PyArray_DIMS(a)
+    if sd[0] != pd[0] or sd[1] != pd[1] or sd[2] != pd[2]:
+        return _NOT_PLAIN
+    if nd == 4 and sd[3] != (d + 31) // 32:
+        return _NOT_PLAIN
+    return a
+
+
 def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, window, softcap,
-                 return_lse):
+                 return_lse, k_scale=None, v_scale=None):
     """paged_attention without cu_seqlens_q and out, for plain inputs: the
-    result, or None when any input is not of the plain kind (or invalid)."""
+    result, or None when any input is not of the plain kind (or invalid).
+    Float or low-bit pages (K and V types apart); the scales of low-bit
+    pages C-contiguous of their exact shape and dtype (fp8: also a float)."""
     if not (type(q) is np.ndarray and type(k_pages) is np.ndarray
             and type(v_pages) is np.ndarray and _int32_c(block_table, 2)
             and _int32_c(seq_lens, 1) and type(causal) is bool and type(return_lse) is bool
@@ -221,17 +271,23 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
     cdef cnp.ndarray bt = block_table, sl = seq_lens
     if not (_rows_ok(qa, 3) and _rows_ok(ka, 4) and _rows_ok(va, 4)):
         return None
-    cdef int qc = _float_code(qa), kc = _float_code(ka)
-    if qc < 0 or kc < 0 or _float_code(va) != kc or (qc == CPA_F64) != (kc == CPA_F64):
+    cdef int qc = _float_code(qa), kc = _page_code(ka), vc = _page_code(va)
+    if (qc < 0 or kc < 0 or vc < 0 or (qc == CPA_F64) != (kc == CPA_F64)
+            or (qc == CPA_F64) != (vc == CPA_F64)):
         return None
     cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(qa)
     cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(ka)
     cdef cnp.npy_intp *vd = cnp.PyArray_DIMS(va)
-    cdef int64_t batch = qd[0], h = qd[1], d = qd[2], hkv = kd[2], dv = vd[3]
+    cdef int64_t batch = qd[0], h = qd[1], d = qd[2], hkv = kd[2]
+    cdef int64_t dk = kd[3] * (2 if kc == CPA_I4 else 1), dv = vd[3] * (2 if vc == CPA_I4 else 1)
     cdef int64_t num_pages = kd[0], page_size = kd[1], width = cnp.PyArray_DIMS(bt)[1]
-    if (vd[0] != num_pages or vd[1] != page_size or vd[2] != hkv or kd[3] != d
+    if (vd[0] != num_pages or vd[1] != page_size or vd[2] != hkv or dk != d
             or h % hkv or cnp.PyArray_DIMS(bt)[0] != batch or cnp.PyArray_DIMS(sl)[0] != batch
             or width < 1):
+        return None
+    ks = _plain_scale(k_scale, kc, kd, dk)
+    vs = _plain_scale(v_scale, vc, vd, dv)
+    if ks is _NOT_PLAIN or vs is _NOT_PLAIN:
         return None
     cdef const int32_t *lens = <const int32_t *>cnp.PyArray_DATA(sl)
     cdef const int32_t *table = <const int32_t *>cnp.PyArray_DATA(bt)
@@ -264,7 +320,9 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal, wind
     a.head_dim_v = <int32_t>dv
     a.q_dtype = qc
     a.k_dtype = kc
-    a.v_dtype = kc
+    a.v_dtype = vc
+    a.k_scale = _scale_rows(ks)
+    a.v_scale = _scale_rows(vs)
     a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
     a.softcap = <double>softcap
     a.mask.causal = causal

@@ -112,7 +112,9 @@ def kv_scale(scale, fmt, rows_shape, head_dim, name):
     if arr.dtype != fmt.scale_dtype:
         raise DTypeError(f"{name}: expected dtype {fmt.scale_dtype} for {fmt.name} codes, "
                          f"got {arr.dtype}")
-    return arr, False
+    # the kernels read a row's scales as one contiguous run (they are small:
+    # 1/32 of the codes at most, so a strided view is copied once)
+    return (arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)), False
 
 
 class Options(NamedTuple):

@@ -84,10 +84,10 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
     after their range is checked. Each KV page is read once per KV head for
     all query heads of its group.
     """
-    if cu_seqlens_q is None and out is None and k_scale is None and v_scale is None:
-        # plain decode calls: checked in C, a few microseconds less per call
+    if cu_seqlens_q is None and out is None:
+        # plain decode calls: checked in C, tens of microseconds less per call
         res = _forward.paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal,
-                                    window, softcap, return_lse)
+                                    window, softcap, return_lse, k_scale, v_scale)
         if res is not None:
             return res
     call = V.paged_call(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, causal, scale,

@@ -3,7 +3,7 @@
  * register-blocked products and its two passes, and the row conversion the
  * tiled kernel uses. Included by forward_isa.h after simd_t.h for the same
  * ISA and T, once per storage type; forward_items.h then calls these
- * functions through the table TN(kv_ops), by the call's K and V dtype, so
+ * functions through the table TN(kv_table), by the call's K and V dtype, so
  * that any K type pairs with any V type without a kernel per pair.
  * Expects: KS (the element type: float, double, uint16_t, int8_t, uint8_t),
  * KSTAG, KS_KIND (CPA_KIND_*).
