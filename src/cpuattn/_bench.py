@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 import cpuattn
-from cpuattn import _roofline
+from cpuattn import _roofline, _validate
 
 IMPLS = ("cpuattn", "torch_sdpa", "torch_paged", "reference")
 
@@ -302,7 +302,7 @@ def _build_prefill(c, rng, torch):
     return impls
 
 
-LOW_BIT = ("int8", "int4", "float8_e4m3fn", "float8_e5m2")
+LOW_BIT = _validate.LOW_BIT_NAMES
 
 
 def _build_decode(c, rng, torch):

@@ -54,8 +54,8 @@ def forward(call, cnp.ndarray out, lse):
     memset(&a, 0, sizeof(a))
     set_call(&a, call, LAYOUTS[call.layout], out, lse)
     a.q_dtype = _float_code(q)
-    a.k_dtype = _kv_code(k)
-    a.v_dtype = _kv_code(v)
+    a.k_dtype = _page_code(k)
+    a.v_dtype = _page_code(v)
     a.k_scale = _scale_rows(call.k_scale)
     a.v_scale = _scale_rows(call.v_scale)
     cdef cnp.ndarray bt
@@ -76,18 +76,6 @@ cdef cpa_rows _scale_rows(object scale):
         r.seq = r.tok = r.head = 0
         return r
     return rows_of(scale, (0, 1, 2))
-
-
-cdef int _kv_code(cnp.ndarray x):
-    """Kernel dtype code of page storage: float, int8, int4 (uint8 pairs), fp8."""
-    cdef int c = _float_code(x)
-    if c >= 0:
-        return c
-    name = x.dtype.name
-    return _LOW_BIT_CODES["int4" if name == "uint8" else name]
-
-
-_LOW_BIT_CODES = {name: code for name, code, bits in DTYPES if bits < 16}
 
 
 ctypedef struct fwd_job:

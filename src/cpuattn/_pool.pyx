@@ -74,9 +74,9 @@ _INT64_MAX = 2**63 - 1
 def _pool_dtype(dtype, name="dtype"):
     """The storage of K or V pages: (numpy dtype of the page array, KVFormat
     or None for float storage), or DTypeError."""
-    if isinstance(dtype, str) and dtype in ("int8", "int4", "float8_e4m3fn", "float8_e5m2") or (
-            not isinstance(dtype, str) and V._is_dtype(dtype)
-            and np.dtype(dtype).name in ("int8", "float8_e4m3fn", "float8_e5m2")):
+    # by name, or the numpy dtype of int8 / fp8 codes (uint8 stays a float error)
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name if V._is_dtype(dtype) else None
+    if key in V.LOW_BIT_NAMES and (key != "int4" or isinstance(dtype, str)):
         fmt = V.kv_format(dtype, name)
         return fmt.codes_dtype, fmt
     return _float_dtype(dtype, name), None

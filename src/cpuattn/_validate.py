@@ -21,6 +21,7 @@ from .errors import DTypeError, PageError, ShapeError
 # the engine's storage dtypes (csrc/engine.h), by name: the float ones any
 # array may have, and the low-bit ones only KV pages have
 DTYPE_NAMES = tuple(name for name, _, bits in DTYPES if bits >= 16)
+LOW_BIT_NAMES = tuple(name for name, _, bits in DTYPES if bits < 16)
 _CODES = {name: code for name, code, _ in DTYPES}
 INDEX_MAX = 2**31 - 1
 
@@ -78,7 +79,7 @@ def kv_format_of(pages):
     name = pages.dtype.name
     if name == "uint8":
         return kv_format("int4")
-    if name in ("int8", "float8_e4m3fn", "float8_e5m2"):
+    if name in LOW_BIT_NAMES:
         return kv_format(name)
     return None
 
