@@ -82,6 +82,7 @@ def ext(name, *csources):
 extensions = [
     ext("_threads", "platform.c", "workers.c"),
     ext("_forward", "forward.c", "platform.c", "quant.c"),
+    ext("_plan", "platform.c"),
     ext("_roofline"),
     ext("_pool", "pool.c", "quant.c"),
     ext("_quant", "quant.c"),

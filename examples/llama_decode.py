@@ -4,10 +4,13 @@ A small random-weight model (embedding, N x [RMSNorm, GQAttention with RoPE,
 RMSNorm, SwiGLU MLP], LM head) serves a queue of requests of different
 prompt lengths: requests join the running batch when a slot is free (their
 prompt is prefilled in the same step as the others' decode tokens) and leave
-when they have generated their tokens. The KV cache is a cpuattn.PagePool
-per layer (``--cache paged``) or a dense cpuattn.KVCache per layer with one
-slot per batch row (``--cache dense``). At the end every request is checked
-against a cache-free float64 numpy forward pass of its whole token sequence.
+when they have generated their tokens. The KV cache is one multi-layer
+cpuattn.PagePool (``--cache paged``), run as a serving loop does: each step
+reserves the new tokens' slots of every sequence, makes one plan, and each
+layer writes its K/V into the slots and runs the plan; or a dense
+cpuattn.KVCache per layer with one slot per batch row (``--cache dense``).
+At the end every request is checked against a cache-free float64 numpy
+forward pass of its whole token sequence.
 
     python examples/llama_decode.py --cache paged --requests 16 --threads 2
 """
@@ -42,13 +45,16 @@ class TinyLlama:
                      for _ in range(num_layers)]
         self.lm_head = (rng.standard_normal((d_model, vocab)) / np.sqrt(d_model)).astype(np.float32)
 
-    def forward(self, ids, caches, lengths):
+    def forward(self, ids, caches, lengths, slots=None):
         """ids (batch, seq) right-padded, lengths (batch,): the new tokens of each
-        row; caches: one cache per layer (KVCache or (PagePool, seq_ids)).
+        row; caches: one KVCache per layer, or the step's plan of a
+        multi-layer PagePool with the new tokens' reserved slots.
         Returns logits (batch, seq, vocab)."""
         h = self.embed[ids]
-        for layer, (w1, w3, w2), cache in zip(self.layers, self.mlps, caches):
-            a, _ = layer(rmsnorm(h), cache, lengths=lengths)
+        if slots is not None:
+            caches = [caches] * len(self.layers)
+        for li, (layer, (w1, w3, w2), cache) in enumerate(zip(self.layers, self.mlps, caches)):
+            a, _ = layer(rmsnorm(h), cache, lengths=lengths, slots=slots, layer=li)
             h = h + a
             x = rmsnorm(h)
             h = h + (silu(x @ w1) * (x @ w3)) @ w2
@@ -112,13 +118,13 @@ def serve(model, requests, max_batch, cache_kind, page_size, kv="float32"):
     hkv, d = model.layers[0].num_kv_heads, model.layers[0].head_dim
     if cache_kind == "paged":
         need = sum(-(-(len(p) + n) // page_size) for p, n in requests)
-        pools = [cpuattn.PagePool(need, page_size, hkv, d, dtype=KV_DTYPES[kv])
-                 for _ in model.layers]
+        pool = cpuattn.PagePool(need, page_size, hkv, d, dtype=KV_DTYPES[kv],
+                                num_layers=len(model.layers))
     else:
         caches = [layer.new_cache(max_batch, capacity=64) for layer in model.layers]
     waiting = list(range(len(requests)))
     slots = [None] * max_batch          # request index per slot
-    seq_ids = {}                        # request -> one sequence id per layer (paged)
+    seq_ids = {}                        # request -> its sequence id (paged)
     out = {r: ([], []) for r in range(len(requests))}
     progress = Progress(sum(n for _, n in requests))
     t0 = time.perf_counter()
@@ -128,7 +134,7 @@ def serve(model, requests, max_batch, cache_kind, page_size, kv="float32"):
                 r = waiting.pop(0)
                 slots[i] = r
                 if cache_kind == "paged":
-                    seq_ids[r] = [pool.create_sequence() for pool in pools]
+                    seq_ids[r] = pool.create_sequence()
         # dense: every slot is a batch row (idle rows have 0 tokens);
         # paged: only the active requests are rows
         rows = list(range(max_batch)) if cache_kind == "dense" else \
@@ -147,11 +153,15 @@ def serve(model, requests, max_batch, cache_kind, page_size, kv="float32"):
         for b, f in enumerate(feeds):
             ids[b, :len(f)] = f
         if cache_kind == "paged":
-            layer_caches = [(pool, [seq_ids[slots[i]][li] for i in rows])
-                            for li, pool in enumerate(pools)]
+            # the runner's step: reserve every sequence's new tokens, plan
+            # once, then every layer writes its K/V into the slots and runs
+            seqs = [seq_ids[slots[i]] for i in rows]
+            new = np.concatenate([pool.reserve(s, n) for s, n in zip(seqs, lengths)])
+            cu = None if np.all(lengths == 1) else np.concatenate([[0], np.cumsum(lengths)])
+            with pool.plan(seqs, cu_seqlens_q=cu) as plan:
+                logits = model.forward(ids, plan, lengths, slots=new)
         else:
-            layer_caches = caches
-        logits = model.forward(ids, layer_caches, lengths)
+            logits = model.forward(ids, caches, lengths)
         done = 0
         for b, i in enumerate(rows):
             r = slots[i]
@@ -164,8 +174,7 @@ def serve(model, requests, max_batch, cache_kind, page_size, kv="float32"):
             if len(out[r][0]) == requests[r][1]:        # leave
                 slots[i] = None
                 if cache_kind == "paged":
-                    for pool, s in zip(pools, seq_ids.pop(r)):
-                        pool.free_sequence(s)
+                    pool.free_sequence(seq_ids.pop(r))
                 else:
                     for c in caches:
                         c.reset([i])

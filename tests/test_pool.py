@@ -661,29 +661,19 @@ def test_threads_hammer():
     assert not pool._refcounts().any()
 
 
-# ---- attention: pinning (with a stand-in kernel) ----
+# ---- attention: plans hold the pages they read ----
 
-@pytest.fixture
-def fake_paged(monkeypatch):
-    """Replace cpuattn.paged.paged_attention by a recorder that calls
-    `fake_paged.inside(pool, args, kwargs)` while the real call would run."""
-    try:
-        import cpuattn.paged as mod
-    except ImportError:
-        mod = types.ModuleType("cpuattn.paged")
-        monkeypatch.setitem(sys.modules, "cpuattn.paged", mod)
-        monkeypatch.setattr(cpuattn, "paged", mod, raising=False)
-    state = types.SimpleNamespace(calls=[], inside=lambda args, kwargs: None)
-
-    def paged_attention(*args, **kwargs):
-        state.calls.append((args, kwargs))
-        return state.inside(args, kwargs)
-
-    monkeypatch.setattr(mod, "paged_attention", paged_attention, raising=False)
-    return state
+def snapshot_reference(pool, seqs, q):
+    """The float64 oracle of decode over the sequences as they are now."""
+    rows = []
+    for b, s in enumerate(seqs):
+        k, v = pool.gather(s)
+        rows.append(cpuattn.reference_attention(q[b][None, None], k[None].astype(np.float64),
+                                                v[None].astype(np.float64), causal=True)[0, 0])
+    return np.stack(rows)
 
 
-def test_attention_pins_pages(rng, fake_paged):
+def test_plan_holds_pages(rng):
     t = Tracked(PagePool(8, 4, H, D))
     pool = t.pool
     a, b = t.new(), t.new()
@@ -692,15 +682,11 @@ def test_attention_pins_pages(rng, fake_paged):
     pinned = np.concatenate([pool.pages(a), pool.pages(b)])
     free0 = pool.num_free_pages  # 5
     q = randn(rng, 2, np.float32, h=4)
-
-    def inside(args, kwargs):
-        q_, kp, vp, table, lens = args
-        assert q_ is q and np.shares_memory(kp, pool.k_pages) and np.shares_memory(vp, pool.v_pages)
-        want_t, want_l = pool.block_table([a, b])
-        np.testing.assert_array_equal(table, want_t)
-        np.testing.assert_array_equal(lens, want_l)
-        assert not table.flags.writeable and not lens.flags.writeable
-        np.testing.assert_array_equal(pool._refcounts()[pinned], 2)  # chain + pin
+    want = snapshot_reference(pool, [a, b], q)
+    with pool.plan([a, b]) as plan:
+        np.testing.assert_array_equal(plan.block_table, [pool.pages(a), [pool.pages(b)[0], 0]])
+        np.testing.assert_array_equal(plan.seq_lens, [6, 3])
+        np.testing.assert_array_equal(pool._refcounts()[pinned], 2)  # chain + plan
         pool._check_invariants()
         # free a sequence from another thread: its pages stay out of the free list
         th = threading.Thread(target=t.free, args=(a,))
@@ -710,71 +696,75 @@ def test_attention_pins_pages(rng, fake_paged):
         pool._check_invariants()
         with pytest.raises(PageError):
             pool.seq_len(a)
-        # take every free page: none of them may be a pinned one
+        # take every free page: none of them may be a held one
         filler = t.new()
         with pytest.raises(PoolFullError):
             t.append(filler, randn(rng, 100), randn(rng, 100))
         t.append(filler, randn(rng, 4 * free0), randn(rng, 4 * free0))
         assert pool.num_free_pages == 0
         assert not set(pool.pages(filler).tolist()) & set(pinned.tolist())
+        # the plan still reads the snapshot
+        np.testing.assert_allclose(plan.run(q), want, rtol=2e-5, atol=2e-5)
         t.free(filler)
-        return "out"
-
-    fake_paged.inside = inside
-    assert pool.attention(q, [a, b]) == "out"
-    # after the call the freed sequence's pages come back
+    assert plan.closed
+    plan.close()   # a second close does nothing
+    with pytest.raises(PageError, match="closed"):
+        plan.run(q)
+    # after close the freed sequence's pages come back
     assert pool.num_free_pages == 8 - len(pool.pages(b))
     np.testing.assert_array_equal(pool._refcounts(), refcounts_from_chains(pool, [b]))
     t.check()
 
 
-def test_attention_forwards_options_and_unpins_on_error(rng, fake_paged):
+def test_plan_released_by_garbage_collection(rng):
+    pool = PagePool(4, 4, H, D)
+    s = pool.create_sequence()
+    pool.append(s, randn(rng, 5), randn(rng, 5))
+    plan = pool.plan([s])
+    assert pool._refcounts()[pool.pages(s)].tolist() == [2, 2]
+    del plan
+    gc.collect()
+    np.testing.assert_array_equal(pool._refcounts(), refcounts_from_chains(pool, [s]))
+
+
+def test_attention_forwards_options_and_unpins_on_error(rng):
     pool = PagePool(4, 4, H, D)
     s = pool.create_sequence()
     pool.append(s, randn(rng, 5), randn(rng, 5))
     q = randn(rng, 2, np.float32, h=4)
-    fake_paged.inside = lambda args, kwargs: "x"
-    pool.attention(q, [s], cu_seqlens_q=[0, 2], causal=False, scale=0.5, window=(3, 0),
-                   softcap=20.0, return_lse=True)
-    assert fake_paged.calls[-1][1] == dict(cu_seqlens_q=[0, 2], causal=False, scale=0.5,
-                                           window=(3, 0), softcap=20.0, return_lse=True,
-                                           k_scale=None, v_scale=None)
-    assert fake_paged.calls[-1][0][4].tolist() == [5]
-
-    def boom(args, kwargs):
-        raise ShapeError("q: bad")
-
-    fake_paged.inside = boom
-    with pytest.raises(ShapeError, match="q: bad"):
-        pool.attention(q, [s])
+    opts = dict(cu_seqlens_q=[0, 2], causal=False, scale=0.5, window=(3, 0), softcap=20.0,
+                return_lse=True)
+    got = pool.attention(q, [s], **opts)
+    want = cpuattn.paged_attention(q, pool.k_pages, pool.v_pages, *pool.block_table([s]), **opts)
+    for g, w in zip(got, want):
+        assert same_bits(g, w)
+    with pytest.raises(ShapeError, match="q"):
+        pool.attention(q[:, :3], [s])
     np.testing.assert_array_equal(pool._refcounts(), refcounts_from_chains(pool, [s]))
     pool._check_invariants()
-    # a bad id fails before anything is pinned or called
-    n = len(fake_paged.calls)
+    # a bad id fails before anything is held
     with pytest.raises(PageError, match=r"seqs\[1\]"):
         pool.attention(q, [s, 5])
-    assert len(fake_paged.calls) == n
     np.testing.assert_array_equal(pool._refcounts(), refcounts_from_chains(pool, [s]))
 
 
-def test_append_while_pinned_copies_the_page(rng, fake_paged):
-    # an append into a pinned partial page must not change what the reader sees
+def test_append_while_planned_copies_the_page(rng):
+    # an append into a held partial page must not change what the plan reads
     t = Tracked(PagePool(6, 4, H, D))
     pool = t.pool
     s = t.new()
     t.append(s, randn(rng, 6), randn(rng, 6))
     last = pool.pages(s)[-1]
-
-    def inside(args, kwargs):
+    q = randn(rng, 1, h=4)
+    want = snapshot_reference(pool, [s], q)
+    with pool.plan([s]) as plan:
         before = pool.k_pages[last].copy()
         t.truncate(s, 5)
         t.append(s, randn(rng, 2), randn(rng, 2))  # rewrites slot 1 of the last page: COW
         assert pool.pages(s)[1] != last
         assert same_bits(pool.k_pages[last], before)
         pool._check_invariants()
-
-    fake_paged.inside = inside
-    pool.attention(randn(rng, 1, h=4), [s])
+        np.testing.assert_allclose(plan.run(q), want, rtol=2e-5, atol=2e-5)
     t.check()
     assert pool.num_free_pages == 6 - 2
 

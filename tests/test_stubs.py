@@ -72,7 +72,7 @@ def _stub_params(node):
 
 
 def test_every_compiled_module_has_a_stub():
-    assert COMPILED == ["_backward", "_forward", "_pool", "_quant", "_roofline", "_threads"]
+    assert COMPILED == ["_backward", "_forward", "_plan", "_pool", "_quant", "_roofline", "_threads"]
     assert (PKG / "py.typed").exists()
 
 

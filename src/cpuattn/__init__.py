@@ -9,7 +9,8 @@ from typing import Any
 from . import _threads
 from .backward import attention_backward, attention_varlen_backward, paged_attention_backward
 from .dense import attention, attention_varlen
-from .paged import gather_pages, paged_attention
+from .paged import gather_pages, paged_attention, write_kv
+from ._plan import PagedPlan
 from ._pool import PagePool
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
 from .kvcache import KVCache
@@ -43,7 +44,7 @@ def info() -> "dict[str, Any]":
 
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
-    "PagePool", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
+    "PagePool", "PagedPlan", "write_kv", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
     "KVCache", "layers", "quantize_kv", "dequantize_kv",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",

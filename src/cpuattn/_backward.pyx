@@ -13,9 +13,9 @@ cimport numpy as cnp
 
 from ._engine cimport (
     cpa_bwd_args, cpa_bwd_item, cpa_bwd_item_fn, cpa_bwd_plan, cpa_bwd_scratch_bytes,
-    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, rows_of, set_call, thread_scratch)
+    cpa_bwd_kernel, CPA_BWD_KV, CPA_BWD_Q, rows_of, set_call)
 from ._forward import LAYOUTS
-from ._threads cimport current_isa, parallel_for, team_size
+from ._threads cimport current_isa, parallel_for, team_size, thread_scratch
 
 cnp.import_array()
 

@@ -31,6 +31,7 @@ cdef extern from "quant.h" nogil:
     void cpa_quantize_rows(int dtype, const float *x, int64_t xstride, int64_t n, int64_t d,
                            unsigned char *codes, int64_t code_stride, void *scales,
                            int64_t scale_stride)
+    void cpa_fp8_encode(int dtype, const float *x, int64_t n, float scale, unsigned char *codes)
     void cpa_dequantize_rows(int dtype, const unsigned char *codes, int64_t code_stride,
                              const void *scales, int64_t scale_stride, int64_t n, int64_t d,
                              float *out, int64_t ostride)
@@ -49,6 +50,7 @@ cdef extern from "workers.h" nogil:
     ctypedef void (*cpa_item_fn)(void *ctx, int64_t item, int tid) noexcept nogil
     void cpa_parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx)
     int cpa_workers_count()
+    char *cpa_thread_scratch(size_t bytes, void **owned)
 
 cdef extern from "forward.h" nogil:
     ctypedef struct cpa_fwd_args:
@@ -97,15 +99,6 @@ cdef extern from "backward.h" nogil:
     size_t cpa_bwd_scratch_bytes(const cpa_bwd_args *a)
     cpa_bwd_item_fn cpa_bwd_kernel(const cpa_bwd_args *a, int pass_, int isa)
 
-
-
-cdef inline char *thread_scratch(char **raw, size_t per_thread, int nt) except NULL:
-    """per_thread bytes (a multiple of 64) for each of nt threads, 64-byte
-    aligned; *raw receives what to free()."""
-    raw[0] = <char *>malloc(per_thread * nt + 64)
-    if raw[0] == NULL:
-        raise MemoryError("cpuattn: cannot allocate kernel scratch")
-    return <char *>((<uintptr_t>raw[0] + 63) & ~(<uintptr_t>63))
 
 
 cdef inline const int64_t *i64(cnp.ndarray a) noexcept:

@@ -15,11 +15,6 @@ LAYOUTS: dict[str, tuple[_Axes, _Axes, _Axes]]
 
 def kernel_available(q_dtype: int, k_dtype: int, v_dtype: int) -> bool: ...
 def forward(call: Call, out: NDArray[Any], lse: NDArray[np.floating[Any]] | None) -> None: ...
-def paged_decode(
-    q: object, k_pages: object, v_pages: object, block_table: object, seq_lens: object,
-    scale: object, causal: object, window: object, softcap: object, return_lse: object,
-    k_scale: object = None, v_scale: object = None,
-) -> NDArray[Any] | tuple[NDArray[Any], NDArray[np.floating[Any]]] | None: ...
 def check_chains(
     table: NDArray[np.int32] | NDArray[np.int64], lens: NDArray[np.int64], num_pages: int,
     page_size: int,

@@ -18,6 +18,7 @@ from libc.stdint cimport int32_t, int64_t
 cimport numpy as cnp
 
 from . import _quant
+from ._plan import PoolPlan
 from . import _validate as V
 from .errors import DTypeError, PageError, PoolFullError, ShapeError
 
@@ -41,7 +42,10 @@ cdef extern from "pool.h" nogil:
         CPA_POOL_ELEN
         CPA_POOL_ETOOLONG
         CPA_POOL_ERETRY
-    cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t *row_bytes)
+        CPA_POOL_ESLOT
+        CPA_POOL_EFREESLOT
+    cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_layers,
+                           const int64_t *row_bytes)
     void cpa_pool_destroy(cpa_pool *p)
     int64_t cpa_pool_num_free(cpa_pool *p)
     int64_t cpa_pool_num_alive(cpa_pool *p)
@@ -49,11 +53,14 @@ cdef extern from "pool.h" nogil:
     int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out)
     int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const *rows, int64_t n,
                         int64_t *need_out)
+    int cpa_pool_reserve(cpa_pool *p, int64_t seq, int64_t n, int64_t *slots, int64_t *need_out)
+    int cpa_pool_write(cpa_pool *p, int64_t layer, const int64_t *slots, int64_t n,
+                       const char *const *rows, int64_t *bad_out)
     int cpa_pool_fork(cpa_pool *p, int64_t seq, int64_t *seq_out)
     int cpa_pool_truncate(cpa_pool *p, int64_t seq, int64_t length, int64_t *len_out)
     int cpa_pool_free_seq(cpa_pool *p, int64_t seq)
     int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t *npages_out)
-    int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const *out, int64_t cap,
+    int cpa_pool_gather(cpa_pool *p, int64_t seq, int64_t layer, char *const *out, int64_t cap,
                         int64_t *len_out)
     int cpa_pool_block_table(cpa_pool *p, const int64_t *seqs, int64_t n, int pin,
                              int32_t *table, int64_t width, int32_t *lens, int64_t *width_out,
@@ -140,7 +147,7 @@ cdef class PagePool:
     """A paged KV cache: page storage and page chains in C memory.
 
     ``PagePool(num_pages, page_size, num_kv_heads, head_dim, dtype="float32",
-    *, k_dtype=None, v_dtype=None)``
+    *, k_dtype=None, v_dtype=None, num_layers=1)``
 
     K and V storage each have shape ``(num_pages, page_size, num_kv_heads,
     head_dim)`` in their storage dtype: float32, float64, float16, bfloat16
@@ -157,17 +164,28 @@ cdef class PagePool:
     (copy-on-write). Sequence ids are never reused: a freed or unknown id
     raises ``PageError``.
 
+    With ``num_layers=L > 1`` the pool holds every layer of a model: one
+    free list and one page chain per sequence for all layers, storage
+    ``(L, num_pages, page_size, ...)``; ``append`` takes ``(L, n,
+    num_kv_heads, head_dim)`` and ``attention``, ``gather``, ``write`` and
+    ``plan(...).run`` take the layer.
+
+    The serving order per step: ``slots = reserve(seq, n)`` for every
+    sequence, ``plan = plan(seqs, ...)``, then per layer ``write(layer,
+    slots, k, v)`` and ``plan.run(q, layer=layer)``; ``plan.close()``.
+
     Attributes:
-        num_pages, page_size, num_kv_heads, head_dim: the constructor's ints.
+        num_pages, page_size, num_kv_heads, head_dim, num_layers: the
+            constructor's ints.
         dtype: the ``dtype`` argument: a numpy dtype, or the format name for
             low-bit storage.
         k_dtype, v_dtype: the storage of K and V by name (e.g. ``"float16"``,
             ``"int8"``, ``"int4"``).
         num_free_pages: pages on the free list now.
-        nbytes: bytes of all storage: K, V and their scales.
+        nbytes: bytes of all storage: K, V and their scales, all layers.
         k_pages, v_pages: zero-copy writable numpy views of the storage, for
             the functional API (``cpuattn.paged_attention``); they keep the
-            pool's memory alive.
+            pool's memory alive. ``(num_layers, ...)`` when num_layers > 1.
         k_scales, v_scales: zero-copy views of the scales of low-bit
             storage, shaped as ``paged_attention``'s ``k_scale``; None for
             float storage.
@@ -184,18 +202,19 @@ cdef class PagePool:
         MemoryError: the storage cannot be allocated.
     """
     cdef cpa_pool *_p
-    cdef readonly int64_t num_pages, page_size, num_kv_heads, head_dim
+    cdef readonly int64_t num_pages, page_size, num_kv_heads, head_dim, num_layers
     cdef readonly object dtype, k_dtype, v_dtype
     cdef object _page_dtype, _fmt          # per plane K, V: numpy dtype, KVFormat or None
     cdef int64_t _row_bytes[4]
     cdef object __weakref__
 
     def __cinit__(self, num_pages, page_size, num_kv_heads, head_dim, dtype="float32", *,
-                  k_dtype=None, v_dtype=None):
+                  k_dtype=None, v_dtype=None, num_layers=1):
         dims = [_positive_int(x, name) for x, name in (
             (num_pages, "num_pages"), (page_size, "page_size"),
             (num_kv_heads, "num_kv_heads"), (head_dim, "head_dim"))]
         self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = dims
+        self.num_layers = _positive_int(num_layers, "num_layers")
         storage = [_pool_dtype(dtype, "dtype")]
         self.dtype = storage[0][1].name if storage[0][1] is not None else storage[0][0]
         storage = [storage[0] if x is None else _pool_dtype(x, name)
@@ -214,14 +233,14 @@ cdef class PagePool:
             if fmt is not None:
                 planes[2 + i] = self.num_kv_heads * int(np.prod(self._scale_row(i))) \
                     * fmt.scale_dtype.itemsize
-        total = sum(planes) * self.num_pages * self.page_size
+        total = sum(planes) * self.num_pages * self.page_size * self.num_layers
         if total > sys.maxsize - 256:
             raise ShapeError(
-                f"PagePool: {total} bytes of page storage (num_pages * page_size * row bytes, "
-                f"K, V and scales) exceeds the address space ({sys.maxsize})")
+                f"PagePool: {total} bytes of page storage (num_layers * num_pages * page_size "
+                f"* row bytes, K, V and scales) exceeds the address space ({sys.maxsize})")
         for i in range(4):
             rb[i] = self._row_bytes[i] = planes[i]
-        self._p = cpa_pool_new(self.num_pages, self.page_size, rb)
+        self._p = cpa_pool_new(self.num_pages, self.page_size, self.num_layers, rb)
         if self._p == NULL:
             raise MemoryError(f"PagePool: cannot allocate {total} bytes of page storage")
         _live_pools.add(self)
@@ -257,6 +276,7 @@ cdef class PagePool:
         return (f"PagePool(num_pages={self.num_pages}, page_size={self.page_size}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"k_dtype='{self.k_dtype}', v_dtype='{self.v_dtype}', "
+                f"num_layers={self.num_layers}, "
                 f"free_pages={self.num_free_pages}, sequences={cpa_pool_num_alive(self._p)})")
 
     @property
@@ -271,20 +291,40 @@ cdef class PagePool:
     def nbytes(self):
         """Bytes of page storage: K, V and the scales of low-bit storage."""
         cdef int i
-        return sum(self._row_bytes[i] for i in range(4)) * self.num_pages * self.page_size
+        return (sum(self._row_bytes[i] for i in range(4)) * self.num_pages * self.page_size
+                * self.num_layers)
 
     cdef object _view(self, int plane, dtype, tuple row):
-        """Zero-copy view of a plane as (num_pages, page_size) + row in dtype."""
-        cdef cnp.npy_intp n = self._row_bytes[plane] * self.num_pages * self.page_size
+        """Zero-copy view of a plane as (num_pages, page_size) + row in dtype,
+        with a leading layer axis when num_layers > 1."""
+        cdef cnp.npy_intp n = (self._row_bytes[plane] * self.num_pages * self.page_size
+                               * self.num_layers)
         cdef cnp.ndarray raw = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_UINT8,
                                                               self._p.plane[plane])
         cnp.set_array_base(raw, self)  # the view owns a reference to the pool
-        return raw.view(dtype).reshape((self.num_pages, self.page_size) + row)
+        lead = (self.num_layers,) if self.num_layers > 1 else ()
+        return raw.view(dtype).reshape(lead + (self.num_pages, self.page_size) + row)
+
+    def _layer(self, layer):
+        """A layer index as an int in [0, num_layers), or ShapeError."""
+        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, numbers.Integral) \
+                or not 0 <= layer < self.num_layers:
+            raise ShapeError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        return int(layer)
+
+    def _layer_views(self, layer):
+        """(k_pages, v_pages, k_scales, v_scales) of one layer: 4-D views
+        (scales None for float storage)."""
+        views = (self.k_pages, self.v_pages, self.k_scales, self.v_scales)
+        if self.num_layers == 1:
+            return views
+        return tuple(None if x is None else x[layer] for x in views)
 
     @property
     def k_pages(self):
         """Zero-copy view of the K storage, ``(num_pages, page_size, num_kv_heads,
-        head_dim)`` (``head_dim // 2`` uint8 for int4)."""
+        head_dim)`` (``head_dim // 2`` uint8 for int4), ``(num_layers, ...)``
+        when num_layers > 1."""
         return self._view(CPA_PLANE_K, self._page_dtype[0], self._row_shape(0))
 
     @property
@@ -334,38 +374,73 @@ cdef class PagePool:
         """Number of tokens in sequence ``seq``. PageError if unknown or freed."""
         return self._ask(cpa_pool_seq_len, seq)
 
-    def _rows(self, x, name, int i):
+    def _rows(self, x, name, int i, bint all_layers):
         """x as contiguous rows of plane K (0) or V (1) in its storage: the
         page dtype (numpy / ml_dtypes casts, round to nearest even), or
-        low-bit codes and their scales (quantize_kv's bytes). Returns
-        (rows, scales or None)."""
+        low-bit codes and their scales (quantize_kv's bytes). x is (n,
+        num_kv_heads, head_dim), or with all_layers and num_layers > 1
+        (num_layers, n, num_kv_heads, head_dim). Returns (rows, scales or
+        None, n)."""
         arr = V.as_array(x, name)
-        layout = f"(n, {self.num_kv_heads}, {self.head_dim})"
-        V.check_ndim(arr, name, 3, layout)
-        if arr.shape[1:] != (self.num_kv_heads, self.head_dim):
+        lead = (self.num_layers,) if all_layers and self.num_layers > 1 else ()
+        layout = "(" + "".join(f"{n}, " for n in lead) + f"n, {self.num_kv_heads}, {self.head_dim})"
+        V.check_ndim(arr, name, 3 + len(lead), layout)
+        shape = arr.shape[len(lead):]   # (n, num_kv_heads, head_dim)
+        if arr.shape[:len(lead)] != lead or shape[1:] != (self.num_kv_heads, self.head_dim):
             raise ShapeError(f"{name}: expected shape {layout}, got {arr.shape}")
-        if arr.shape[0] > V.INDEX_MAX:  # before the conversion copies it
+        n = shape[0]
+        if n > V.INDEX_MAX:  # before the conversion copies it
             raise ShapeError(f"{name}: a sequence would exceed {V.INDEX_MAX} tokens "
-                             f"with {arr.shape[0]} rows")
+                             f"with {n} rows")
         fmt = self._fmt[i]
         if fmt is None:
-            return np.ascontiguousarray(arr, dtype=self._page_dtype[i]), None
+            return np.ascontiguousarray(arr, dtype=self._page_dtype[i]), None, n
         flat = np.ascontiguousarray(arr.reshape(-1, self.head_dim), dtype=np.float32)
-        return _quant.quantize_rows(flat, fmt.code, fmt.codes_dtype)
+        return _quant.quantize_rows(flat, fmt.code, fmt.codes_dtype) + (n,)
+
+    cdef int _planes(self, k, v, bint all_layers, const char **rows, list keep) except -1:
+        """Rows of k and v for the C pool: rows[plane] (NULL for an absent
+        plane); keep receives the buffers. Returns n."""
+        ka, ks, n = self._rows(k, "k", 0, all_layers)
+        va, vs, nv = self._rows(v, "v", 1, all_layers)
+        if nv != n:
+            raise ShapeError(f"v: expected {n} rows (as k), got {nv}")
+        keep[:] = [ka, va, ks, vs]
+        cdef int i
+        for i in range(4):
+            rows[i] = NULL
+            if keep[i] is not None:
+                rows[i] = <const char *>cnp.PyArray_DATA(<cnp.ndarray>keep[i])
+        return n
+
+    cdef int _grown(self, int rc, seq, int64_t n, int64_t need, str what) except -1:
+        """Raise the error of a failed append / reserve of n tokens."""
+        if rc == CPA_POOL_EFULL:
+            raise PoolFullError(
+                f"{what}: sequence {seq} needs {need} free pages for {n} tokens "
+                f"(page_size {self.page_size}), the pool has {self.num_free_pages} "
+                f"of {self.num_pages} free")
+        if rc == CPA_POOL_ETOOLONG:
+            raise ShapeError(f"{'k' if what == 'append' else 'n'}: sequence {seq} would exceed "
+                             f"{V.INDEX_MAX} tokens with {n} more")
+        return _check(rc, seq)
 
     def append(self, seq, k, v):
         """Append tokens to sequence ``seq``.
 
         Args:
             seq: sequence id.
-            k, v: ``(n, num_kv_heads, head_dim)``, float32, float64, float16 or
-                bfloat16 (any strides); converted to the storage dtype with
-                round-to-nearest-even, or quantised (low-bit storage) with
-                exactly the bytes of :func:`cpuattn.quantize_kv`.
+            k, v: ``(n, num_kv_heads, head_dim)`` (``(num_layers, n,
+                num_kv_heads, head_dim)`` when num_layers > 1), float32,
+                float64, float16 or bfloat16 (any strides); converted to the
+                storage dtype with round-to-nearest-even, or quantised
+                (low-bit storage) with exactly the bytes of
+                :func:`cpuattn.quantize_kv`.
 
         Takes free pages as needed; if the last page is partial and shared
-        (by a fork, or pinned by a running ``attention`` call), it is copied
-        to a fresh page first. All-or-nothing: on any error nothing changes.
+        (by a fork, a plan, or pinned by a running ``attention`` call), it
+        is copied to a fresh page first. All-or-nothing: on any error
+        nothing changes.
 
         Raises:
             PageError: unknown or freed ``seq``.
@@ -374,30 +449,79 @@ cdef class PagePool:
             PoolFullError: fewer free pages than the append needs.
         """
         cdef int64_t sid = _seq_id(seq), n, need = 0
-        cdef int rc, i
-        ka, ks = self._rows(k, "k", 0)
-        va, vs = self._rows(v, "v", 1)
-        n = ka.shape[0] // (self.num_kv_heads if ks is not None else 1)
-        nv = va.shape[0] // (self.num_kv_heads if vs is not None else 1)
-        if nv != n:
-            raise ShapeError(f"v: expected {n} rows (as k), got {nv}")
+        cdef int rc
         cdef const char *rows[4]
-        bufs = (ka, va, ks, vs)
-        for i in range(4):
-            rows[i] = NULL
-            if bufs[i] is not None:
-                rows[i] = <const char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
+        keep = []
+        n = self._planes(k, v, True, rows, keep)
         with nogil:
             rc = cpa_pool_append(self._p, sid, rows, n, &need)
-        if rc == CPA_POOL_EFULL:
-            raise PoolFullError(
-                f"append: sequence {seq} needs {need} free pages for {n} tokens "
-                f"(page_size {self.page_size}), the pool has {self.num_free_pages} "
-                f"of {self.num_pages} free")
-        if rc == CPA_POOL_ETOOLONG:
-            raise ShapeError(f"k: sequence {seq} would exceed {V.INDEX_MAX} tokens "
-                             f"with {n} more")
-        _check(rc, seq)
+        self._grown(rc, seq, n, need, "append")
+
+    def reserve(self, seq, n):
+        """Grow sequence ``seq`` by ``n`` tokens without writing them; returns
+        their slots, int64 ``(n,)`` (``page * page_size + offset``), for
+        :meth:`write` (every layer has the same slots).
+
+        Pages are taken all-or-nothing, and a shared partial last page (a
+        fork's, or one a plan holds) is copied first, as for :meth:`append`.
+        The new rows hold whatever the pages held (zeros in a fresh pool)
+        until written.
+
+        Raises:
+            PageError: unknown or freed ``seq``.
+            ShapeError: ``n`` is not an int >= 0, or the sequence would
+                exceed 2**31 - 1 tokens.
+            PoolFullError: fewer free pages than ``n`` tokens need.
+        """
+        cdef int64_t sid = _seq_id(seq), cnt, need = 0
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) \
+                or not 0 <= n <= V.INDEX_MAX:
+            raise ShapeError(f"n: expected an int in [0, {V.INDEX_MAX}], got {n!r}")
+        cnt = n
+        cdef cnp.ndarray slots = np.empty(cnt, np.int64)
+        cdef int64_t *sp = <int64_t *>cnp.PyArray_DATA(slots)
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_reserve(self._p, sid, cnt, sp, &need)
+        self._grown(rc, seq, cnt, need, "reserve")
+        return slots
+
+    def write(self, layer, slots, k, v):
+        """Store rows of one layer at slots (from :meth:`reserve`).
+
+        Args:
+            layer: int in ``[0, num_layers)``.
+            slots: int ``(n,)`` slot ids; a negative slot is skipped (padding).
+            k, v: ``(n, num_kv_heads, head_dim)`` of any float dtype,
+                converted or quantised as by :meth:`append`.
+
+        A plan made after the slots were reserved sees the rows in its later
+        runs. All-or-nothing: every slot is checked before anything is
+        written.
+
+        Raises:
+            PageError: a slot past the storage, or in a page no sequence or
+                plan holds.
+            ShapeError / DTypeError: bad ``layer``, ``slots``, ``k`` or ``v``.
+        """
+        cdef int64_t li = self._layer(layer), n, bad = 0
+        cdef cnp.ndarray sl = V.check_slots(slots)
+        cdef const char *rows[4]
+        keep = []
+        n = self._planes(k, v, False, rows, keep)
+        if n != sl.shape[0]:
+            raise ShapeError(f"k: expected {sl.shape[0]} rows (one per slot), got {n}")
+        cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sl)
+        cdef int rc
+        with nogil:
+            rc = cpa_pool_write(self._p, li, sp, n, rows, &bad)
+        if rc == CPA_POOL_ESLOT:
+            raise PageError(f"slots[{bad}]: expected a slot in [0, {self.num_pages * self.page_size})"
+                            f" (num_pages * page_size), got {sl[bad]}")
+        if rc == CPA_POOL_EFREESLOT:
+            raise PageError(f"slots[{bad}]: slot {sl[bad]} is in page {sl[bad] // self.page_size}, "
+                            "which no sequence or plan holds (reserve the slots first)")
+        _check(rc, None)
 
     def fork(self, seq):
         """A new sequence sharing all of ``seq``'s pages (reference counted);
@@ -455,11 +579,12 @@ cdef class PagePool:
         _check(rc, seq)
         return out[:npages]
 
-    def gather(self, seq):
-        """Contiguous copies ``(k, v)`` of sequence ``seq``, each
+    def gather(self, seq, *, layer=0):
+        """Contiguous copies ``(k, v)`` of sequence ``seq`` in one layer, each
         ``(seq_len, num_kv_heads, head_dim)`` in the storage dtype, or float32
-        (dequantised) for low-bit storage. PageError if unknown or freed."""
-        cdef int64_t sid = _seq_id(seq), length = 0
+        (dequantised) for low-bit storage. PageError if unknown or freed,
+        ShapeError for a layer out of range."""
+        cdef int64_t sid = _seq_id(seq), length = 0, li = self._layer(layer)
         cdef int rc = CPA_POOL_ERETRY, i
         cdef int64_t cap
         cdef char *out[4]
@@ -469,7 +594,7 @@ cdef class PagePool:
                 out[i] = <char *>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
             cap = length
             with nogil:
-                rc = cpa_pool_gather(self._p, sid, out, cap, &length)
+                rc = cpa_pool_gather(self._p, sid, li, out, cap, &length)
         _check(rc, seq)
         return tuple(self._decode(bufs[i][:length], bufs[2 + i][:length], i) for i in range(2))
 
@@ -535,10 +660,12 @@ cdef class PagePool:
         """
         return self._table(self._seq_ids(seqs), False)
 
-    def attention(self, q, seqs, *, cu_seqlens_q=None, causal=True, scale=None,
-                  window=(-1, -1), softcap=0.0, return_lse=False):
+    def attention(self, q, seqs, *, layer=0, cu_seqlens_q=None, causal=True, scale=None,
+                  window=(-1, -1), softcap=0.0, return_lse=False, out=None):
         """Paged attention over the listed sequences, as
-        ``cpuattn.paged_attention(q, k_pages, v_pages, *block_table(seqs), ...)``.
+        ``cpuattn.paged_attention(q, k_pages, v_pages, *block_table(seqs), ...)``
+        over layer ``layer``; the same as ``plan(seqs, ...).run(q, ...)``
+        with the plan closed at return.
 
         Args:
             q: ``(batch, num_heads, head_dim)`` (one decode query per sequence,
@@ -549,34 +676,47 @@ cdef class PagePool:
                 storage needs float32, float16 or bfloat16).
             seqs: ``batch`` sequence ids; their K/V must already include the
                 queries' own tokens (append first).
-            cu_seqlens_q, causal, scale, window, softcap, return_lse: as in
-                ``cpuattn.paged_attention``.
+            layer: int in ``[0, num_layers)``.
+            cu_seqlens_q, causal, scale, window, softcap, return_lse, out: as
+                in ``cpuattn.paged_attention``.
 
         Returns:
             ``out`` ``(rows, num_heads, head_dim)`` in q's dtype, or
             ``(out, lse)`` with lse ``(num_heads, rows)``.
 
-        The pages the call reads are pinned (reference counted) for its whole
-        duration, so another thread may free, truncate or append to these
-        sequences meanwhile: the call reads the state of when it started.
+        The pages the call reads are held for its whole duration, so another
+        thread may free, truncate or append to these sequences meanwhile:
+        the call reads the state of when it started.
 
         Raises:
             PageError: a sequence id is not an int, unknown or freed.
             ShapeError / DTypeError: as ``cpuattn.paged_attention``.
         """
-        ids = self._seq_ids(seqs)
-        from . import paged  # imported here: cpuattn.paged imports the package
-        table, lens = self._table(ids, True)
-        try:
-            # Read-only: the unpin below trusts these arrays to be what was pinned.
-            table.flags.writeable = False
-            lens.flags.writeable = False
-            return paged.paged_attention(q, self.k_pages, self.v_pages, table, lens,
-                                         cu_seqlens_q=cu_seqlens_q, causal=causal, scale=scale,
-                                         window=window, softcap=softcap, return_lse=return_lse,
-                                         k_scale=self.k_scales, v_scale=self.v_scales)
-        finally:
-            self._unpin(table, lens)
+        with self.plan(seqs, cu_seqlens_q=cu_seqlens_q) as p:
+            return p.run(q, layer=layer, causal=causal, scale=scale, window=window,
+                         softcap=softcap, return_lse=return_lse, out=out)
+
+    def plan(self, seqs, *, cu_seqlens_q=None, tree_mask=None):
+        """A :class:`cpuattn.PagedPlan` over the listed sequences of this pool,
+        whose ``run(q, *, layer=0, ...)`` reads the pool's pages and scales.
+
+        Args:
+            seqs: sequence ids (list, tuple or 1-D integer array); repeats allowed.
+            cu_seqlens_q, tree_mask: as :class:`cpuattn.PagedPlan`.
+
+        The plan snapshots the sequences' page chains and lengths and holds a
+        reference on every page it reads until ``close()`` (it is also a
+        context manager) or garbage collection: freeing a sequence cannot let
+        its pages be reused under it, and an ``append`` or ``reserve`` that
+        would change a page it holds copies the page first. Rows written
+        with :meth:`write` into slots that existed when the plan was made are
+        seen by its later runs.
+
+        Raises:
+            PageError: an id is not an int, unknown or freed.
+            ShapeError / DTypeError: bad ``cu_seqlens_q``.
+        """
+        return PoolPlan(self, self._seq_ids(seqs), cu_seqlens_q, tree_mask)
 
     def _unpin(self, cnp.ndarray table, cnp.ndarray lens):
         cdef const int32_t *t = <const int32_t *>cnp.PyArray_DATA(table)

@@ -8,7 +8,7 @@ from libc.stdint cimport int64_t
 cimport numpy as cnp
 import numpy as np
 
-from ._engine cimport (CPA_I4, cpa_dequantize_rows, cpa_quant_row_bytes,
+from ._engine cimport (CPA_I4, cpa_dequantize_rows, cpa_fp8_encode, cpa_quant_row_bytes,
                        cpa_quant_scales_per_row, cpa_quantize_rows)
 
 cnp.import_array()
@@ -40,3 +40,13 @@ def dequantize_rows(cnp.ndarray codes, cnp.ndarray scales, int code, int64_t d, 
                             cnp.PyArray_DATA(scales), sstride, n, d,
                             <float *>cnp.PyArray_DATA(out), d)
     return out
+
+
+def encode_fp8(cnp.ndarray x, int code, float scale):
+    """x: C-contiguous float32 -> uint8 fp8 codes of x / scale, same shape."""
+    cdef cnp.ndarray codes = np.empty_like(x, dtype=np.uint8)
+    cdef int64_t n = cnp.PyArray_SIZE(x)
+    with nogil:
+        cpa_fp8_encode(code, <const float *>cnp.PyArray_DATA(x), n, scale,
+                       <unsigned char *>cnp.PyArray_DATA(codes))
+    return codes

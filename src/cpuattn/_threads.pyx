@@ -17,7 +17,7 @@ from .errors import ShapeError
 
 from ._engine cimport (CPA_ISA_COUNT, CPA_SPIN_US, CPA_YIELD_US, cpa_isa_best, cpa_isa_name,
                        cpa_isa_supported, cpa_omp_max_threads, cpa_openmp_enabled,
-                       cpa_parallel_for, cpa_workers_count)
+                       cpa_parallel_for, cpa_thread_scratch, cpa_workers_count)
 
 cdef int _cap = 1
 cdef int _isa = 0
@@ -33,6 +33,17 @@ cdef void parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx)
     """cpa_parallel_for (csrc/workers.h): workers.c is linked into this module
     only, so every kernel module that calls this shares one pool of threads."""
     cpa_parallel_for(nthreads, n_items, fn, ctx)
+
+
+cdef char *thread_scratch(char **raw, size_t per_thread, int nt) except NULL:
+    """per_thread bytes (a multiple of 64) for each of nt threads, 64-byte
+    aligned: the calling thread's kept scratch (csrc/workers.h), so a small
+    call maps no fresh memory; *raw receives what to free() (NULL if kept).
+    Valid until this thread's next call."""
+    cdef char *p = cpa_thread_scratch(per_thread * nt, <void **>raw)
+    if p == NULL:
+        raise MemoryError("cpuattn: cannot allocate kernel scratch")
+    return p
 
 
 # Below this many (query row x key x head_dim) multiply-adds a call stays on

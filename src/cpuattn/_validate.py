@@ -194,6 +194,8 @@ def as_array(x, name, kv=False):
                              f"got {type(x).__name__} ({e})") from None
     if not (kv and kv_format_of(arr)):
         dtype_code(arr, name)
+    if not arr.dtype.isnative:   # the kernels read native byte order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.ndim and arr.size:
         isz = arr.itemsize
         if (arr.shape[-1] > 1 and arr.strides[-1] != isz) or any(s % isz for s in arr.strides):
@@ -256,6 +258,24 @@ def check_index_array(x, name, ndim, length=None):
     if arr.size and (arr.min() < -INDEX_MAX or arr.max() > INDEX_MAX):
         raise ShapeError(f"{name}: values must fit in int32, got range "
                          f"[{arr.min()}, {arr.max()}]")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_slots(slots, name="slots"):
+    """Slot ids (page * page_size + offset): a 1-D integer array as
+    contiguous int64; their range is checked against the storage later."""
+    try:
+        arr = np.asarray(slots)
+    except Exception:  # noqa: BLE001
+        raise ShapeError(f"{name}: expected a 1-D integer array, got {type(slots).__name__}") from None
+    if arr.ndim != 1:
+        raise ShapeError(f"{name}: expected a 1-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise DTypeError(f"{name}: expected an integer dtype (int64), got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise ShapeError(f"{name}: values must fit in int64, got {arr.max()}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
@@ -463,34 +483,11 @@ def block_table(table, seq_lens, num_pages, page_size):
     return bt, lens
 
 
-def _paged_queries(q, cu_seqlens_q, lens):
-    """cu_seqlens_q (int64) of a 3-D q over sequences of lengths lens.
-
-    Without cu_seqlens_q, one query per sequence (decode); with it, each
-    sequence's queries are its last positions, so there may be at most
-    seq_lens[b] of them."""
-    batch = lens.shape[0]
-    if cu_seqlens_q is None:
-        if q.shape[0] != batch:
-            raise ShapeError(f"q: expected one query per sequence, shape ({batch}, {q.shape[1]}, "
-                             f"{q.shape[2]}), got {q.shape}")
-        return np.arange(batch + 1, dtype=np.int64)
-    cuq = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
-    if cuq.shape[0] != batch + 1:
-        raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
-                         f"sequences, got {cuq.shape}")
-    nq = np.diff(cuq)
-    if np.any(nq > lens):
-        b = int(np.argmax(nq > lens))
-        raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but seq_lens[{b}] "
-                         f"is {lens[b]} (its queries are its last positions)")
-    return cuq
-
-
-def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale, window,
-               softcap, *, k_scale=None, v_scale=None, any_float_pages=False):
-    """The Call of the paged API: q (Tq, H, D) over pages (P, page_size, Hkv, D),
-    float or low-bit (with their scales; K and V types chosen apart).
+def paged_operands(q, k_pages, v_pages, k_scale, v_scale, any_float_pages=False):
+    """The checked operands of a paged call: (q, k_pages, v_pages, k_scale,
+    v_scale, (H, Hkv, D, Dv)): q (Tq, H, D) over pages (P, page_size, Hkv,
+    D), float or low-bit (with their scales, see page_scale; K and V types
+    chosen apart).
 
     any_float_pages: the backward's form: float pages of q's dtype family
     (float64 pairs only with float64), converted by the caller, no scales."""
@@ -518,13 +515,54 @@ def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale
     check_heads(h, hkv)
     ks = page_scale(k_scale, k_pages, "k_scale", "k_pages")
     vs = page_scale(v_scale, v_pages, "v_scale", "v_pages")
+    return q, k_pages, v_pages, ks, vs, (h, hkv, d, dv)
+
+
+def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale, window,
+               softcap):
+    """The Call of the paged backward: q (Tq, H, D) over float pages
+    (P, page_size, Hkv, D) of q's dtype family (see paged_operands)."""
+    q, k_pages, v_pages, ks, vs, dims = paged_operands(q, k_pages, v_pages, None, None,
+                                                       any_float_pages=True)
     num_pages, page_size = k_pages.shape[:2]
     bt, lens = block_table(table, seq_lens, num_pages, page_size)
-    cuq = _paged_queries(q, cu_seqlens_q, lens)
-    opts = check_options(scale, window, softcap, causal, d)
+    cuq = paged_queries(cu_seqlens_q, lens)
+    if cuq[-1] != q.shape[0]:
+        raise ShapeError(plan_queries_message(cu_seqlens_q is None, int(cuq[-1]), q.shape))
+    opts = check_options(scale, window, softcap, causal, dims[2])
     q_start = cuq[:-1].copy()
     seqs = Sequences(q_start, q_start, np.diff(cuq), lens)   # k_start: unused for pages
-    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, h, hkv, d, dv, ks, vs)
+    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, *dims, ks, vs)
+
+
+def paged_queries(cu_seqlens_q, lens):
+    """cu_seqlens_q (int64 (batch + 1,)) of paged queries over sequences of
+    lengths lens: one query per sequence without it (decode); with it, each
+    sequence's queries are its last positions, so there may be at most
+    seq_lens[b] of them."""
+    batch = lens.shape[0]
+    if cu_seqlens_q is None:
+        return np.arange(batch + 1, dtype=np.int64)
+    cu = check_index_array(cu_seqlens_q, "cu_seqlens_q", 1)
+    cuq = check_cu_seqlens(cu, "cu_seqlens_q", cu[-1] if cu.size else 0)
+    if cuq.shape[0] != batch + 1:
+        raise ShapeError(f"cu_seqlens_q: expected shape ({batch + 1},) for {batch} "
+                         f"sequences, got {cuq.shape}")
+    nq = np.diff(cuq)
+    if np.any(nq > lens):
+        b = int(np.argmax(nq > lens))
+        raise ShapeError(f"cu_seqlens_q: sequence {b} has {nq[b]} queries but seq_lens[{b}] "
+                         f"is {lens[b]} (its queries are its last positions)")
+    return cuq
+
+
+def plan_queries_message(decode, total, q_shape):
+    """ShapeError text for a q of another row count than the plan's queries."""
+    if decode:
+        return (f"q: expected one query per sequence, shape ({total}, {q_shape[1]}, "
+                f"{q_shape[2]}), got {q_shape}")
+    return (f"q: expected {total} rows, where cu_seqlens_q ends (total_q), "
+            f"got shape {q_shape}")
 
 
 def kv_name(pages):

@@ -129,7 +129,7 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
     Raises ShapeError / DTypeError / PageError on bad input.
     """
     call = V.paged_call(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, causal, scale,
-                        window, softcap, any_float_pages=True)
+                        window, softcap)
     out, dout, lse = V.forward_results(call, out, dout, lse)
     q, k_pages, v_pages, bt, lens = call.q, call.k, call.v, call.block_table, call.seqs.k_len
     batch, page_size = lens.shape[0], k_pages.shape[1]

@@ -1,9 +1,10 @@
 """Llama-style building blocks on top of the cpuattn kernels (numpy only).
 
 :class:`GQAttention` is one grouped-query attention layer: Q/K/V/O
-projections, optional RoPE, a KV cache (dense :class:`cpuattn.KVCache` or a
-:class:`cpuattn.PagePool` with a list of sequence ids) so that decoding one
-token at a time gives the same output as one full pass.
+projections, optional RoPE, a KV cache (dense :class:`cpuattn.KVCache`, a
+:class:`cpuattn.PagePool` with a list of sequence ids, or a plan of a
+multi-layer pool's step) so that decoding one token at a time gives the same
+output as one full pass.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from . import _validate as V
+from ._plan import PoolPlan
 from ._typing import Array, ArrayLike, DTypeLike, SeqId
 from .dense import attention
 from .errors import DTypeError, ShapeError
@@ -159,13 +161,17 @@ class GQAttention:
 
     @overload
     def __call__(self, x: ArrayLike, cache: KVCache | None = ..., *,
-                 lengths: ArrayLike | None = ...) -> tuple[Array, KVCache]: ...
+                 lengths: ArrayLike | None = ..., slots: ArrayLike | None = ...,
+                 layer: int = ...) -> tuple[Array, KVCache]: ...
     @overload
     def __call__(self, x: ArrayLike, cache: tuple[PagePool, Sequence[SeqId]], *,
-                 lengths: ArrayLike | None = ...
-                 ) -> tuple[Array, tuple[PagePool, Sequence[SeqId]]]: ...
-    def __call__(self, x: ArrayLike, cache: Any = None, *,
-                 lengths: ArrayLike | None = None) -> tuple[Array, Any]:
+                 lengths: ArrayLike | None = ..., slots: ArrayLike | None = ...,
+                 layer: int = ...) -> tuple[Array, tuple[PagePool, Sequence[SeqId]]]: ...
+    @overload
+    def __call__(self, x: ArrayLike, cache: PoolPlan, *, lengths: ArrayLike | None = ...,
+                 slots: ArrayLike | None = ..., layer: int = ...) -> tuple[Array, PoolPlan]: ...
+    def __call__(self, x: ArrayLike, cache: Any = None, *, lengths: ArrayLike | None = None,
+                 slots: ArrayLike | None = None, layer: int = 0) -> tuple[Array, Any]:
         """Run the layer on new tokens, appending their K/V to the cache.
 
         Args:
@@ -174,10 +180,21 @@ class GQAttention:
             cache: ``None`` (a new :class:`KVCache` is made), a
                 :class:`KVCache` for ``batch`` sequences, or a pair
                 ``(pool, seq_ids)`` of a :class:`cpuattn.PagePool` and
-                ``batch`` sequence ids.
+                ``batch`` sequence ids, or a plan ``pool.plan(seq_ids, ...)``
+                of a serving step (see below).
             lengths: optional int ``(batch,)``: sequence ``b`` has
                 ``lengths[b] <= seq`` real tokens, the rest of its rows are
                 padding (not cached; their output rows are 0).
+            slots, layer: with a plan only: the slots ``pool.reserve`` gave
+                the new tokens, concatenated in batch order (int
+                ``(sum(lengths),)``), and this layer's index in the pool.
+
+        With a plan the runner owns the step: it reserved ``lengths[b]``
+        tokens of every sequence, planned them (a decode plan when every
+        sequence has one new token, else with ``cu_seqlens_q``), and calls
+        each layer with the same plan and slots; the layer writes its K/V
+        into the slots (``pool.write``) and runs the plan over its layer.
+        Positions (RoPE) are ``seq_lens - lengths`` onwards.
 
         Returns:
             ``(y, cache)``: ``y (batch, seq, d_model)`` in the layer dtype and
@@ -200,6 +217,10 @@ class GQAttention:
             if counts.size and (counts.min() < 0 or counts.max() > seq):
                 raise ShapeError(f"lengths: expected values in [0, {seq}], got range "
                                  f"[{counts.min()}, {counts.max()}]")
+        if isinstance(cache, PoolPlan):
+            return self._planned(x, cache, counts, slots, layer), cache
+        if slots is not None:
+            raise ShapeError("slots: only taken with a plan as the cache")
         paged = _is_paged(cache)
         if paged:
             pool, seqs = cache
@@ -213,6 +234,17 @@ class GQAttention:
             self._check_cache(cache, bsz)
             start = cache.seq_lens.copy()
 
+        q, k, v = self._qkv(x, start)
+        if paged:
+            o = self._paged(q, k, v, pool, seqs, start, counts)
+        else:
+            o = self._dense(q, k, v, cache, start, counts, lengths is None)
+        return self._out(o), cache
+
+    def _qkv(self, x, start):
+        """q, k, v (batch, seq, heads, head_dim) in the layer dtype, RoPE at
+        positions start[b] + i."""
+        bsz, seq = x.shape[:2]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         xc = x.astype(self._cdt, copy=False)
         q = self._proj(xc, "wq").reshape(bsz, seq, h, d)
@@ -221,14 +253,40 @@ class GQAttention:
         if self.rope_theta is not None:
             pos = start[:, None] + np.arange(seq)
             q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
-        q, k, v = (a.astype(self.dtype, copy=False) for a in (q, k, v))
+        return tuple(a.astype(self.dtype, copy=False) for a in (q, k, v))
 
-        if paged:
-            o = self._paged(q, k, v, pool, seqs, start, counts)
-        else:
-            o = self._dense(q, k, v, cache, start, counts, lengths is None)
-        y = self._proj(o.reshape(bsz, seq, h * d).astype(self._cdt, copy=False), "wo")
-        return y.astype(self.dtype, copy=False), cache
+    def _out(self, o):
+        bsz, seq = o.shape[:2]
+        y = self._proj(o.reshape(bsz, seq, -1).astype(self._cdt, copy=False), "wo")
+        return y.astype(self.dtype, copy=False)
+
+    def _planned(self, x, plan, counts, slots, layer):
+        """The layer over a plan of reserved slots: write K/V, run the plan."""
+        bsz = x.shape[0]
+        lens = plan.seq_lens.astype(np.int64)
+        cu = plan.cu_seqlens_q
+        nq = np.ones(plan.batch_size, np.int64) if cu is None else np.diff(cu).astype(np.int64)
+        if plan.batch_size != bsz or not np.array_equal(nq, counts):
+            raise ShapeError(f"cache: the plan's queries per sequence {nq.tolist()} are not "
+                             f"the new tokens of x (lengths {counts.tolist()})")
+        if slots is None:
+            raise ShapeError("slots: a plan needs the slots pool.reserve gave the new tokens")
+        slots = V.check_slots(slots)
+        if slots.shape[0] != int(counts.sum()):
+            raise ShapeError(f"slots: expected {int(counts.sum())} slots (sum of lengths), "
+                             f"got {slots.shape[0]}")
+        q, k, v = self._qkv(x, lens - counts)
+        rows = [b for b in range(bsz) if counts[b]]
+        pack = (lambda a: np.concatenate([a[b, :counts[b]] for b in rows])) if rows else \
+            (lambda a: a[:, :0].reshape((0,) + a.shape[2:]))
+        plan.pool.write(layer, slots, pack(k), pack(v))
+        op = plan.run(pack(q), layer=layer, causal=self.causal)
+        o = np.zeros(q.shape, dtype=q.dtype)
+        at = 0
+        for b in rows:
+            o[b, :counts[b]] = op[at:at + counts[b]]
+            at += counts[b]
+        return self._out(o)
 
     def _check_cache(self, cache, bsz):
         if not isinstance(cache, KVCache):

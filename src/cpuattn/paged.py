@@ -7,14 +7,16 @@ page slots past a sequence's length are never read.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Literal, overload
 
 import numpy as np
 
-from . import _forward
-from . import quant
+from . import _quant, quant
 from . import _validate as V
+from ._plan import PagedPlan
 from ._typing import Array, ArrayLike, FloatArray, Window
+from .errors import PageError, ShapeError
 
 
 @overload
@@ -82,20 +84,20 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
 
     Integer index arrays of another integer dtype are accepted and converted
     after their range is checked. Each KV page is read once per KV head for
-    all query heads of its group.
+    all query heads of its group. This is ``PagedPlan(block_table, seq_lens,
+    page_size=..., num_pages=..., cu_seqlens_q=...).run(q, k_pages, v_pages,
+    ...)``: a serving loop that calls it once per layer with the same
+    indices makes the plan once instead (:class:`cpuattn.PagedPlan`).
     """
-    if cu_seqlens_q is None and out is None:
-        # plain decode calls: checked in C, tens of microseconds less per call
-        res = _forward.paged_decode(q, k_pages, v_pages, block_table, seq_lens, scale, causal,
-                                    window, softcap, return_lse, k_scale, v_scale)
-        if res is not None:
-            return res
-    call = V.paged_call(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, causal, scale,
-                        window, softcap, k_scale=k_scale, v_scale=v_scale)
-    out, lse = V.outputs(call, out, return_lse)
-    if call.q.shape[0]:
-        _forward.forward(call, out, lse)
-    return (out, lse) if return_lse else out
+    if type(k_pages) is not np.ndarray or k_pages.ndim != 4:
+        k_pages = V.as_array(k_pages, "k_pages", kv=True)
+        V.check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    V.check_page_size(k_pages, "k_pages")
+    plan = PagedPlan(block_table, seq_lens, page_size=k_pages.shape[1],
+                     num_pages=k_pages.shape[0], cu_seqlens_q=cu_seqlens_q)
+    return plan.run(q, k_pages, v_pages, causal=causal, scale=scale, window=window,
+                    softcap=softcap, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse,
+                    out=out)
 
 
 def gather_pages(pages: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike, *,
@@ -141,3 +143,101 @@ def _gather(pages, bt, lens):
             chain = bt[b, : (n + page_size - 1) // page_size]
             out[b, :n] = pages[chain].reshape((-1,) + pages.shape[2:])[:n]
     return out
+
+
+def write_kv(k_pages: ArrayLike, v_pages: ArrayLike, slots: ArrayLike, k: ArrayLike,
+             v: ArrayLike, *, k_scale: ArrayLike | float | None = None,
+             v_scale: ArrayLike | float | None = None) -> None:
+    """Store K/V rows into page slots in place (vLLM's ``reshape_and_cache``).
+
+    Args:
+        k_pages, v_pages: ``(num_pages, page_size, num_kv_heads, head_dim)``
+            arrays to write into (numpy arrays, or CPU tensors numpy views
+            without a copy; writable; any strides), float or low-bit codes
+            (int8, int4 uint8 pairs, fp8), K and V types apart.
+        slots: int ``(n,)``: slot ``page * page_size + offset`` of each row;
+            a negative slot is skipped (padding).
+        k, v: ``(n, num_kv_heads, head_dim)`` of any float dtype: converted
+            to float pages with round-to-nearest-even, or quantised into
+            low-bit pages with exactly the bytes of
+            :func:`cpuattn.quantize_kv`, their scales stored into
+            ``k_scale`` / ``v_scale``.
+        k_scale, v_scale: the scale arrays of low-bit pages, written in
+            place (shaped as ``paged_attention``'s); for fp8 pages also one
+            float for the whole tensor (default 1.0; codes are ``x /
+            scale``, saturating). None for float pages.
+
+    Every argument and slot is checked before anything is written: on any
+    error nothing changes.
+
+    Raises:
+        PageError: a slot past ``num_pages * page_size``.
+        ShapeError / DTypeError: bad arrays, read-only pages or scales, a
+            scale on float pages or a missing one for int8/int4 pages.
+    """
+    kp = _target(k_pages, "k_pages")
+    vp = _target(v_pages, "v_pages")
+    if vp.shape[:3] != kp.shape[:3]:
+        raise ShapeError(f"v_pages: expected (num_pages, page_size, num_kv_heads) "
+                         f"{kp.shape[:3]} (as k_pages), got {vp.shape[:3]}")
+    sl = V.check_slots(slots)
+    stores = [_encoded(x, p, s, sl.shape[0], nm, pn, sn) for x, p, s, nm, pn, sn in (
+        (k, kp, k_scale, "k", "k_pages", "k_scale"), (v, vp, v_scale, "v", "v_pages", "v_scale"))]
+    num_slots = kp.shape[0] * kp.shape[1]
+    bad = np.flatnonzero(sl >= num_slots)
+    if bad.size:
+        raise PageError(f"slots[{bad[0]}]: expected a slot in [0, {num_slots}) (num_pages * "
+                        f"page_size), got {sl[bad[0]]}")
+    used = sl >= 0
+    page, offset = np.divmod(sl[used], kp.shape[1])
+    for target, rows in (pair for store in stores for pair in store):
+        target[page, offset] = rows[used]
+
+
+def _target(x, name):
+    """An array the caller's memory is written through (never a copy)."""
+    arr = x if isinstance(x, np.ndarray) else V.as_array(x, name, kv=True)
+    if not isinstance(x, np.ndarray) and arr.base is None:
+        raise ShapeError(f"{name}: expected an array to write into (a numpy array or a CPU "
+                         f"tensor numpy views without a copy), got {type(x).__name__}")
+    if not arr.flags.writeable:
+        raise ShapeError(f"{name}: expected a writable array, got a read-only one")
+    return arr
+
+
+def _encoded(x, pages, scale, n, name, pname, sname):
+    """[(target array, rows to store there)] for rows x into pages (and
+    their scales): rows (n, num_kv_heads, ...) in the target's dtype."""
+    if pages.ndim == 4:
+        V.check_page_size(pages, pname)
+    else:
+        V.check_ndim(pages, pname, 4, "(num_pages, page_size, num_kv_heads, head_dim)")
+    fmt = V.kv_format_of(pages)
+    if fmt is None:
+        V.dtype_code(pages, pname)
+    hkv, d = pages.shape[2], V.page_head_dim(pages)
+    x = V.as_array(x, name)
+    if x.shape != (n, hkv, d):
+        raise ShapeError(f"{name}: expected shape ({n}, {hkv}, {d}) (one row per slot, as "
+                         f"{pname}), got {x.shape}")
+    if fmt is None:
+        if scale is not None:
+            raise ShapeError(f"{sname}: {pname} are {pages.dtype}, which takes no scale; "
+                             f"got {type(scale).__name__}")
+        return [(pages, x.astype(pages.dtype, copy=False))]
+    flat = np.ascontiguousarray(x.reshape(-1, d), dtype=np.float32)
+    per_tensor = fmt.name.startswith("float8") and (
+        scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, (bool, np.bool_))))
+    if per_tensor:
+        s, _ = V.kv_scale(scale, fmt, pages.shape[:3], d, sname)
+        codes = _quant.encode_fp8(flat, fmt.code, float(s[0]))
+        return [(pages, codes.view(fmt.codes_dtype).reshape(n, hkv, d))]
+    if scale is None:
+        raise ShapeError(f"{sname}: {fmt.name} pages need their scales, got None")
+    target = _target(scale, sname)
+    want = V.scale_shape(fmt, pages.shape[:3], d)
+    if target.shape != want or target.dtype != fmt.scale_dtype:
+        raise ShapeError(f"{sname}: expected a {fmt.scale_dtype} array of shape {want} for "
+                         f"{fmt.name} {pname}, got {target.dtype} {target.shape}")
+    codes, scales = _quant.quantize_rows(flat, fmt.code, fmt.codes_dtype)
+    return [(pages, codes.reshape(n, hkv, -1)), (target, scales.reshape((n,) + want[2:]))]

@@ -41,7 +41,8 @@ static char *alloc_aligned(size_t bytes, void **raw)
     return p;
 }
 
-cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t row_bytes[CPA_PLANES])
+cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, int64_t num_layers,
+                       const int64_t row_bytes[CPA_PLANES])
 {
     cpa_pool *p = calloc(1, sizeof(*p));
     if (!p)
@@ -49,12 +50,15 @@ cpa_pool *cpa_pool_new(int64_t num_pages, int64_t page_size, const int64_t row_b
     LOCK_INIT(&p->lock);
     p->num_pages = num_pages;
     p->page_size = page_size;
+    p->num_layers = num_layers;
     int ok = 1;
     for (int i = 0; i < CPA_PLANES; i++) {
         p->row_bytes[i] = row_bytes[i];
         p->page_bytes[i] = page_size * row_bytes[i];
+        p->layer_bytes[i] = num_pages * p->page_bytes[i];
         if (row_bytes[i] > 0) {
-            p->plane[i] = alloc_aligned((size_t)num_pages * (size_t)p->page_bytes[i], &p->plane_raw[i]);
+            p->plane[i] = alloc_aligned((size_t)num_layers * (size_t)p->layer_bytes[i],
+                                        &p->plane_raw[i]);
             ok &= p->plane[i] != NULL;
         }
     }
@@ -166,32 +170,74 @@ static int new_seq(cpa_pool *p, int64_t *seq_out)
     return CPA_POOL_OK;
 }
 
-/* Copy n rows between a sequence's pages (starting at token `pos`) and one
- * contiguous buffer per plane; to_pages picks the direction. memmove: the
- * caller may pass a view of the pool's own storage. */
-static void copy_rows(cpa_pool *p, const cpa_seq *s, int64_t pos, int64_t n, char *const buf[CPA_PLANES],
-                      int to_pages)
+/* Row `slot` of page `page` in one layer of plane i. */
+static char *row_at(cpa_pool *p, int i, int64_t layer, int64_t page, int64_t slot)
+{
+    return p->plane[i] + layer * p->layer_bytes[i] + page * p->page_bytes[i] +
+           slot * p->row_bytes[i];
+}
+
+/* Copy n rows of layers [l0, l1) between a sequence's pages (starting at
+ * token `pos`) and one contiguous buffer per plane, (l1 - l0, n, row);
+ * to_pages picks the direction. memmove: the caller may pass a view of the
+ * pool's own storage. */
+static void copy_rows(cpa_pool *p, const cpa_seq *s, int64_t pos, int64_t n, int64_t l0,
+                      int64_t l1, char *const buf[CPA_PLANES], int to_pages)
 {
     for (int i = 0; i < CPA_PLANES; i++) {
         if (!p->plane[i])
             continue;
         char *b = buf[i];
-        for (int64_t at = pos, left = n; left > 0;) {
-            int64_t slot = at % p->page_size, cnt = p->page_size - slot;
-            if (cnt > left)
-                cnt = left;
-            char *pg = p->plane[i] + (size_t)s->pages[at / p->page_size] * p->page_bytes[i] +
-                       slot * p->row_bytes[i];
-            size_t bytes = (size_t)(cnt * p->row_bytes[i]);
-            if (to_pages)
-                memmove(pg, b, bytes);
-            else
-                memcpy(b, pg, bytes);
-            b += bytes;
-            at += cnt;
-            left -= cnt;
-        }
+        for (int64_t layer = l0; layer < l1; layer++)
+            for (int64_t at = pos, left = n; left > 0;) {
+                int64_t slot = at % p->page_size, cnt = p->page_size - slot;
+                if (cnt > left)
+                    cnt = left;
+                char *pg = row_at(p, i, layer, s->pages[at / p->page_size], slot);
+                size_t bytes = (size_t)(cnt * p->row_bytes[i]);
+                if (to_pages)
+                    memmove(pg, b, bytes);
+                else
+                    memcpy(b, pg, bytes);
+                b += bytes;
+                at += cnt;
+                left -= cnt;
+            }
     }
+}
+
+/* Grow sequence s by n tokens: the pages they need, and a copy of a shared
+ * partial last page first (copy-on-write: another chain or a pin reads
+ * it), its first rows in every layer and plane. All-or-nothing. */
+static int grow(cpa_pool *p, cpa_seq *s, int64_t n, int64_t *need_out)
+{
+    int64_t len = s->len;
+    if (n > INT32_MAX - len)
+        return CPA_POOL_ETOOLONG;
+    int64_t total = pages_for(p, len + n);
+    int cow = (len % p->page_size) != 0 && p->refcount[s->pages[s->npages - 1]] > 1;
+    int64_t need = total - s->npages + cow;
+    if (need > p->num_free) {
+        *need_out = need;
+        return CPA_POOL_EFULL;
+    }
+    /* The only allocation, done before any page moves. */
+    int rc = reserve_chain(s, total);
+    if (rc != CPA_POOL_OK)
+        return rc;
+    if (cow) {
+        int32_t old = s->pages[s->npages - 1], pg = take_page(p);
+        for (int i = 0; i < CPA_PLANES; i++)
+            for (int64_t layer = 0; p->plane[i] && layer < p->num_layers; layer++)
+                memcpy(row_at(p, i, layer, pg, 0), row_at(p, i, layer, old, 0),
+                       (size_t)((len % p->page_size) * p->row_bytes[i]));
+        release_page(p, old);
+        s->pages[s->npages - 1] = pg;
+    }
+    while (s->npages < total)
+        s->pages[s->npages++] = take_page(p);
+    s->len = len + n;
+    return CPA_POOL_OK;
 }
 
 /* ---- public functions ---- */
@@ -237,41 +283,54 @@ int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const rows[CPA_PLANES]
     cpa_seq *s;
     LOCK(&p->lock);
     int rc = lookup(p, seq, &s);
-    if (rc != CPA_POOL_OK || n == 0)
-        goto out;
-    int64_t len = s->len;
-    if (n > INT32_MAX - len) {
-        rc = CPA_POOL_ETOOLONG;
-        goto out;
+    if (rc == CPA_POOL_OK && n > 0) {
+        int64_t len = s->len;
+        if ((rc = grow(p, s, n, need_out)) == CPA_POOL_OK)
+            copy_rows(p, s, len, n, 0, p->num_layers, (char *const *)rows, 1);
     }
-    int64_t total = pages_for(p, len + n);
-    /* Writing into a partial last page that anyone else references (another
-     * chain or an attention pin) would change what they read: copy it first. */
-    int cow = (len % p->page_size) != 0 && p->refcount[s->pages[s->npages - 1]] > 1;
-    int64_t need = total - s->npages + cow;
-    if (need > p->num_free) {
-        *need_out = need;
-        rc = CPA_POOL_EFULL;
-        goto out;
+    UNLOCK(&p->lock);
+    return rc;
+}
+
+int cpa_pool_reserve(cpa_pool *p, int64_t seq, int64_t n, int64_t *slots, int64_t *need_out)
+{
+    cpa_seq *s;
+    LOCK(&p->lock);
+    int rc = lookup(p, seq, &s);
+    if (rc == CPA_POOL_OK && n > 0) {
+        int64_t len = s->len;
+        if ((rc = grow(p, s, n, need_out)) == CPA_POOL_OK)
+            for (int64_t i = 0; i < n; i++)
+                slots[i] = (int64_t)s->pages[(len + i) / p->page_size] * p->page_size +
+                           (len + i) % p->page_size;
     }
-    /* The only allocation, done before any page moves: all-or-nothing. */
-    if ((rc = reserve_chain(s, total)) != CPA_POOL_OK)
-        goto out;
-    if (cow) {
-        int32_t old = s->pages[s->npages - 1], pg = take_page(p);
-        for (int i = 0; i < CPA_PLANES; i++)
-            if (p->plane[i])
-                memcpy(p->plane[i] + (size_t)pg * p->page_bytes[i],
-                       p->plane[i] + (size_t)old * p->page_bytes[i],
-                       (size_t)((len % p->page_size) * p->row_bytes[i]));
-        release_page(p, old);
-        s->pages[s->npages - 1] = pg;
+    UNLOCK(&p->lock);
+    return rc;
+}
+
+int cpa_pool_write(cpa_pool *p, int64_t layer, const int64_t *slots, int64_t n,
+                   const char *const rows[CPA_PLANES], int64_t *bad_out)
+{
+    int rc = CPA_POOL_OK;
+    LOCK(&p->lock);
+    for (int64_t i = 0; i < n && rc == CPA_POOL_OK; i++) {
+        if (slots[i] < 0)
+            continue;
+        if (slots[i] >= p->num_pages * p->page_size)
+            rc = CPA_POOL_ESLOT;
+        else if (p->refcount[slots[i] / p->page_size] == 0)
+            rc = CPA_POOL_EFREESLOT;
+        if (rc != CPA_POOL_OK)
+            *bad_out = i;
     }
-    while (s->npages < total)
-        s->pages[s->npages++] = take_page(p);
-    copy_rows(p, s, len, n, (char *const *)rows, 1);
-    s->len = len + n;
-out:
+    for (int64_t i = 0; i < n && rc == CPA_POOL_OK; i++) {
+        if (slots[i] < 0)
+            continue;
+        for (int j = 0; j < CPA_PLANES; j++)
+            if (p->plane[j])
+                memcpy(row_at(p, j, layer, slots[i] / p->page_size, slots[i] % p->page_size),
+                       rows[j] + i * p->row_bytes[j], (size_t)p->row_bytes[j]);
+    }
     UNLOCK(&p->lock);
     return rc;
 }
@@ -358,8 +417,8 @@ int cpa_pool_pages(cpa_pool *p, int64_t seq, int32_t *out, int64_t cap, int64_t 
     return rc;
 }
 
-int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const out[CPA_PLANES], int64_t cap,
-                    int64_t *len_out)
+int cpa_pool_gather(cpa_pool *p, int64_t seq, int64_t layer, char *const out[CPA_PLANES],
+                    int64_t cap, int64_t *len_out)
 {
     cpa_seq *s;
     LOCK(&p->lock);
@@ -369,7 +428,7 @@ int cpa_pool_gather(cpa_pool *p, int64_t seq, char *const out[CPA_PLANES], int64
         if (cap < s->len)
             rc = CPA_POOL_ERETRY;
         else
-            copy_rows(p, s, 0, s->len, out, 0);
+            copy_rows(p, s, 0, s->len, layer, layer + 1, out, 0);
     }
     UNLOCK(&p->lock);
     return rc;

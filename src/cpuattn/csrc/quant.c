@@ -125,6 +125,18 @@ void cpa_quantize_rows(int dtype, const float *x, int64_t xstride, int64_t n, in
                      (char *)scales + (size_t)(r * scale_stride) * ssize);
 }
 
+void cpa_fp8_encode(int dtype, const float *x, int64_t n, float scale, uint8_t *codes)
+{
+    const cpa_fp8 *f8 = dtype == CPA_E4M3 ? &FP8_E4M3 : &FP8_E5M2;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = scale > 0 ? x[i] / scale : 0.0f;
+        if (!(fabsf(v) <= 3.4028235e38f))
+            codes[i] = 0x7f;                            /* NaN in both formats */
+        else
+            codes[i] = (uint8_t)((v < 0 ? 0x80 : 0) | fp8_code(fabsf(v), f8));
+    }
+}
+
 void cpa_dequantize_rows(int dtype, const uint8_t *codes, int64_t code_stride, const void *scales,
                          int64_t scale_stride, int64_t n, int64_t d, float *out, int64_t ostride)
 {

@@ -31,6 +31,11 @@ int64_t cpa_quant_scales_per_row(int dtype, int64_t d);
 void cpa_quantize_rows(int dtype, const float *x, int64_t xstride, int64_t n, int64_t d,
                        uint8_t *codes, int64_t code_stride, void *scales, int64_t scale_stride);
 
+/* n float32 values as fp8 codes of x / scale (one per-tensor scale, as
+ * vLLM's k_scale), round half to even, saturating; NaN and inf give the
+ * NaN code, a scale <= 0 gives zero codes. */
+void cpa_fp8_encode(int dtype, const float *x, int64_t n, float scale, uint8_t *codes);
+
 /* The inverse, to float32: out row i at out + i * ostride. For fp8 a
  * scale_stride of 0 with one scale is the per-tensor form. */
 void cpa_dequantize_rows(int dtype, const uint8_t *codes, int64_t code_stride, const void *scales,

@@ -18,6 +18,8 @@
 #include <signal.h>
 #include <stdalign.h>
 #include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 
 static struct {
@@ -35,6 +37,64 @@ static struct {
        .posted = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER};
 
 static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+/* ---- per-thread scratch ---- */
+
+typedef struct {
+    void *raw;
+    size_t bytes;
+} scratch_block;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_free(void *p)
+{
+    scratch_block *b = p;
+    free(b->raw);
+    free(b);
+}
+
+static void scratch_key_init(void)
+{
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+static char *aligned64(void *raw)
+{
+    return (char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+}
+
+char *cpa_thread_scratch(size_t bytes, void **owned)
+{
+    *owned = NULL;
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch_block *b = scratch_key_ok ? pthread_getspecific(scratch_key) : NULL;
+    if (bytes > CPA_SCRATCH_KEEP || !scratch_key_ok) {
+        *owned = malloc(bytes + 64);
+        return *owned ? aligned64(*owned) : NULL;
+    }
+    if (!b) {
+        if (!(b = calloc(1, sizeof(*b))))
+            return NULL;
+        if (pthread_setspecific(scratch_key, b) != 0) {
+            free(b);
+            *owned = malloc(bytes + 64);
+            return *owned ? aligned64(*owned) : NULL;
+        }
+    }
+    if (b->bytes < bytes) {
+        size_t want = bytes < 4096 ? 4096 : bytes;
+        void *raw = malloc(want + 64);
+        if (!raw)
+            return NULL;
+        free(b->raw);
+        b->raw = raw;
+        b->bytes = want;
+    }
+    return aligned64(b->raw);
+}
 
 static inline void cpu_relax(void)
 {

@@ -15,6 +15,7 @@
  * workers and re-creates them on its first threaded call. */
 #ifndef CPUATTN_WORKERS_H
 #define CPUATTN_WORKERS_H
+#include <stddef.h>
 #include <stdint.h>
 
 /* How an idle worker, and a caller waiting for the last items, wait: spin
@@ -34,6 +35,14 @@ typedef void (*cpa_item_fn)(void *ctx, int64_t item, int tid);
  * running at once (the caller is tid 0), so per-thread scratch can be
  * indexed by it. Returns when every item is done. fn must not fail. */
 void cpa_parallel_for(int nthreads, int64_t n_items, cpa_item_fn fn, void *ctx);
+
+/* Scratch memory of the calling thread, at least `bytes`, 64-byte aligned,
+ * kept for the thread's next call (freed when the thread exits), so that a
+ * microsecond kernel call does not pay for a fresh mapping of its scratch;
+ * NULL if it cannot be allocated. Up to CPA_SCRATCH_KEEP bytes are kept;
+ * a larger request gets memory the caller frees (*owned, else NULL). */
+#define CPA_SCRATCH_KEEP ((size_t)8 << 20)
+char *cpa_thread_scratch(size_t bytes, void **owned);
 
 /* Worker threads alive now (the pool grows to the largest nthreads - 1 asked). */
 int cpa_workers_count(void);
