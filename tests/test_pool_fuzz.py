@@ -9,6 +9,13 @@ content (bitwise), lengths, chains (a consistent token <-> page id mapping),
 refcounts, free count, and its own C invariant check. Invalid calls (freed or
 unknown ids, bad lengths, bad rows) must raise the documented error and
 change nothing.
+
+The runner's calls join in: ``reserve`` grows a sequence by rows the model
+marks unknown until ``write`` stores them (into the physical slots, so every
+chain and plan holding that page sees them); ``plan`` snapshots sequences
+and holds their pages (counted as references, and as sharing for
+copy-on-write) until ``close``; ``run`` of an open plan must equal the
+oracle over its snapshot.
 """
 import itertools
 
@@ -41,18 +48,39 @@ class PoolMachine(RuleBasedStateMachine):
         self.dt = npdt(dtype)
         self.rows = {}     # seq -> (k, v) in the pool dtype
         self.chain = {}    # seq -> [token, ...]
+        self.known = {}    # seq -> bool per row: False for reserved, unwritten rows
+        self.reserved = {}  # seq -> [(token, offset)] of its last reserve
+        self.plans = []    # open plans: (plan, [(chain copy, rows copy, known copy)])
         self.freed = []
         self.rng = np.random.default_rng(num_pages * 100 + page_size)
 
     # ---- model helpers ----
     def used_tokens(self):
-        return {t for c in self.chain.values() for t in c}
+        held = {t for _, snap in self.plans for c, _, _ in snap for t in c}
+        return {t for c in self.chain.values() for t in c} | held
 
     def model_free(self):
         return self.pool.num_pages - len(self.used_tokens())
 
     def shared(self, seq, token):
-        return any(token in c for s, c in self.chain.items() if s != seq)
+        return (any(token in c for s, c in self.chain.items() if s != seq)
+                or any(token in c for _, snap in self.plans for c, _, _ in snap))
+
+    def tok2page(self):
+        return {t: pg for s, c in self.chain.items() for t, pg in zip(c, self.pool.pages(s))}
+
+    def grow(self, seq, n, cow):
+        """The model of append / reserve's pages: copy-on-write, new tokens."""
+        chain, ps = self.chain[seq], self.pool.page_size
+        if cow:
+            chain[-1] = next(_tokens)
+        chain.extend(next(_tokens) for _ in range(-(-(len(self.rows[seq][0]) + n) // ps)
+                                                  - len(chain)))
+
+    def need(self, seq, n):
+        ps, chain, length = self.pool.page_size, self.chain[seq], len(self.rows[seq][0])
+        cow = n > 0 and length % ps != 0 and self.shared(seq, chain[-1])
+        return -(-(length + n) // ps) - len(chain) + int(cow), cow
 
     def snapshot(self):
         p = self.pool
@@ -66,6 +94,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert s not in self.rows and s not in self.freed
         self.rows[s] = (np.zeros((0, H, D), self.dt),) * 2
         self.chain[s] = []
+        self.known[s] = np.zeros(0, bool)
         return s
 
     @precondition(lambda self: self.rows)
@@ -75,13 +104,9 @@ class PoolMachine(RuleBasedStateMachine):
             with pytest.raises(PageError):
                 self.pool.append(seq, np.zeros((n, H, D)), np.zeros((n, H, D)))
             return
-        ps = self.pool.page_size
         k = (self.rng.standard_normal((n, H, D)) * 3).astype(src)
         v = (self.rng.standard_normal((n, H, D)) * 3).astype(src)
-        length = len(self.rows[seq][0])
-        chain = self.chain[seq]
-        cow = n > 0 and length % ps != 0 and self.shared(seq, chain[-1])
-        need = -(-(length + n) // ps) - len(chain) + int(cow)
+        need, cow = self.need(seq, n)
         before = self.snapshot()
         if need > self.model_free():
             with pytest.raises(PoolFullError):
@@ -89,12 +114,92 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.snapshot() == before, "a failed append changed the pool"
             return
         self.pool.append(seq, k, v)
-        if cow:
-            chain[-1] = next(_tokens)
-        chain.extend(next(_tokens) for _ in range(-(-(length + n) // ps) - len(chain)))
+        self.grow(seq, n, cow)
         wk, wv = self.rows[seq]
         self.rows[seq] = (np.concatenate([wk, k.astype(self.dt)]),
                           np.concatenate([wv, v.astype(self.dt)]))
+        self.known[seq] = np.concatenate([self.known[seq], np.ones(n, bool)])
+
+    @precondition(lambda self: self.rows)
+    @rule(seq=seqs, n=st.integers(0, 5))
+    def reserve(self, seq, n):
+        if seq not in self.rows:
+            with pytest.raises(PageError):
+                self.pool.reserve(seq, n)
+            return
+        need, cow = self.need(seq, n)
+        before = self.snapshot()
+        if need > self.model_free():
+            with pytest.raises(PoolFullError):
+                self.pool.reserve(seq, n)
+            assert self.snapshot() == before, "a failed reserve changed the pool"
+            return
+        length, ps = len(self.rows[seq][0]), self.pool.page_size
+        slots = self.pool.reserve(seq, n)
+        self.grow(seq, n, cow)
+        pos = np.arange(length, length + n)
+        pages = self.pool.pages(seq)
+        np.testing.assert_array_equal(slots, pages[pos // ps] * ps + pos % ps)
+        self.reserved[seq] = [(self.chain[seq][p // ps], p % ps) for p in pos]
+        self.rows[seq] = tuple(np.concatenate([x, np.zeros((n, H, D), self.dt)])
+                               for x in self.rows[seq])
+        self.known[seq] = np.concatenate([self.known[seq], np.zeros(n, bool)])
+
+    @precondition(lambda self: self.reserved)
+    @rule(data=st.data(), src=st.sampled_from(["float32", "float64"]))
+    def write(self, data, src):
+        seq = data.draw(st.sampled_from(sorted(self.reserved)))
+        t2p = self.tok2page()
+        # slots whose page a chain still holds (a page held only by a plan, or
+        # freed, may have been reused: the caller's business, not modelled)
+        todo = [(t, o) for t, o in self.reserved[seq] if t in t2p]
+        if not todo:
+            return
+        ps = self.pool.page_size
+        slots = np.array([t2p[t] * ps + o for t, o in todo], np.int64)
+        k = (self.rng.standard_normal((len(todo), H, D)) * 3).astype(src)
+        v = (self.rng.standard_normal((len(todo), H, D)) * 3).astype(src)
+        self.pool.write(0, slots, k, v)
+        views = [(self.chain[s], self.rows[s], self.known[s]) for s in self.rows]
+        views += [x for _, snap in self.plans for x in snap]
+        for i, (t, o) in enumerate(todo):
+            for chain, (rk, rv), known in views:
+                for j in (j for j, c in enumerate(chain) if c == t):
+                    if j * ps + o < len(rk):
+                        rk[j * ps + o], rv[j * ps + o] = k[i], v[i]
+                        known[j * ps + o] = True
+
+    @precondition(lambda self: self.rows and len(self.plans) < 3)
+    @rule(data=st.data())
+    def plan(self, data):
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.rows)), min_size=1, max_size=3))
+        p = self.pool.plan(seqs)
+        self.plans.append((p, [(list(self.chain[s]), tuple(x.copy() for x in self.rows[s]),
+                                self.known[s].copy()) for s in seqs]))
+
+    @precondition(lambda self: self.plans)
+    @rule(data=st.data())
+    def run(self, data):
+        p, snap = data.draw(st.sampled_from(self.plans))
+        qdt = np.float64 if self.dt == np.float64 else np.float32
+        q = self.rng.standard_normal((len(snap), 2 * H, D)).astype(qdt)
+        out = p.run(q)
+        for b, (_, (rk, rv), known) in enumerate(snap):
+            if not len(rk):
+                assert not out[b].any()
+            elif known.all():
+                k, v = rk.astype(np.float64), rv.astype(np.float64)
+                ref = cpuattn.reference_attention(q[b][None, None], k[None], v[None], causal=True)
+                np.testing.assert_allclose(out[b], ref[0, 0], atol=1e-4 * (1 + np.abs(v).max()),
+                                           rtol=1e-4)
+
+    @precondition(lambda self: self.plans)
+    @rule(data=st.data())
+    def close(self, data):
+        i = data.draw(st.integers(0, len(self.plans) - 1))
+        p, _ = self.plans.pop(i)
+        p.close()
+        p.close()
 
     @rule(target=seqs, seq=seqs)
     def fork(self, seq):
@@ -104,8 +209,9 @@ class PoolMachine(RuleBasedStateMachine):
             return seq  # bundles need a value; a freed id is useful too
         f = self.pool.fork(seq)
         assert f not in self.rows and f not in self.freed
-        self.rows[f] = self.rows[seq]
+        self.rows[f] = tuple(x.copy() for x in self.rows[seq])
         self.chain[f] = list(self.chain[seq])
+        self.known[f] = self.known[seq].copy()
         return f
 
     @rule(seq=seqs, frac=st.floats(0, 1), over=st.sampled_from([0, 0, 0, 1, -1]))
@@ -124,7 +230,8 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.snapshot() == before
             return
         self.pool.truncate(seq, new)
-        self.rows[seq] = tuple(x[:new] for x in self.rows[seq])
+        self.rows[seq] = tuple(x[:new].copy() for x in self.rows[seq])
+        self.known[seq] = self.known[seq][:new].copy()
         del self.chain[seq][-(-new // self.pool.page_size):]
 
     @rule(seq=consumes(seqs))
@@ -134,7 +241,8 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pool.free_sequence(seq)
             return
         self.pool.free_sequence(seq)
-        del self.rows[seq], self.chain[seq]
+        del self.rows[seq], self.chain[seq], self.known[seq]
+        self.reserved.pop(seq, None)
         self.freed.append(seq)
 
     @rule(bad=st.sampled_from(["id", "negative", "float", "bool", "shape", "dtype", "rows"]))
@@ -176,6 +284,8 @@ class PoolMachine(RuleBasedStateMachine):
         out = self.pool.attention(q, seqs)
         assert self.snapshot() == before, "attention left pins or changed the pool"
         for b, s in enumerate(seqs):
+            if not self.known[s].all():
+                continue
             k, v = (x.astype(np.float64) for x in self.rows[s])
             ref = cpuattn.reference_attention(q[b][None, None], k[None], v[None], causal=True)
             np.testing.assert_allclose(out[b], ref[0, 0], atol=1e-4 * (1 + np.abs(v).max()),
@@ -191,6 +301,13 @@ class PoolMachine(RuleBasedStateMachine):
         assert p.num_free_pages == self.model_free()
         tok2page = {}
         counts = np.zeros(p.num_pages, np.int64)
+        t2p = self.tok2page()
+        for _, snap in self.plans:
+            for chain, _, _ in snap:
+                for t in chain:
+                    if t in t2p:
+                        counts[t2p[t]] += 1
+        held_only = sum(1 for t in self.used_tokens() if t not in t2p)
         for s, (wk, wv) in self.rows.items():
             assert p.seq_len(s) == len(wk)
             pages = p.pages(s).tolist()
@@ -199,11 +316,15 @@ class PoolMachine(RuleBasedStateMachine):
                 assert tok2page.setdefault(t, pg) == pg, "one model page, two pool pages"
                 counts[pg] += 1
             k, v = p.gather(s)
+            kn = self.known[s]
             assert k.dtype == self.dt and k.shape == wk.shape
-            assert np.array_equal(k.view(np.uint8), wk.view(np.uint8))
-            assert np.array_equal(v.view(np.uint8), wv.view(np.uint8))
+            assert np.array_equal(k[kn].view(np.uint8), wk[kn].view(np.uint8))
+            assert np.array_equal(v[kn].view(np.uint8), wv[kn].view(np.uint8))
         assert len(set(tok2page.values())) == len(tok2page), "two model pages, one pool page"
-        np.testing.assert_array_equal(p._refcounts(), counts)
+        refs = p._refcounts()
+        held = refs > counts      # pages only plans hold: their count is the plans' refs
+        assert held.sum() == held_only
+        np.testing.assert_array_equal(refs[~held], counts[~held])
         if self.rows:
             table, lens = p.block_table(list(self.rows))
             assert lens.tolist() == [len(r[0]) for r in self.rows.values()]
@@ -213,6 +334,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     def teardown(self):
         if hasattr(self, "pool"):
+            for plan, _ in self.plans:
+                plan.close()
             for s in list(self.rows):
                 self.pool.free_sequence(s)
             assert self.pool.num_free_pages == self.pool.num_pages

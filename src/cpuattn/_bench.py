@@ -61,6 +61,9 @@ class Case:
     note: str = ""
     busy: bool = False        # decode beside busy processes: default threads vs 1 thread
     torch_first: bool = False  # run in a fresh process that imports torch before cpuattn
+    call: str = "paged_attention"   # decode: "paged_attention", "plan" (PagedPlan.run),
+    #   "plan_full" (run with cu_seqlens_q, out= and lse), "step" (one plan, `layers` runs)
+    layers: int = 1           # decode "step": runs per step (one model's layers)
 
     def shape(self):
         """A short human description of the shape."""
@@ -68,7 +71,9 @@ class Case:
         dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
               "int4": "int4", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}[self.dtype]
         if self.kind == "decode":
-            return f"b{self.batch} ctx{self.seq} {h} d{self.head_dim} p{self.page_size} kv={dt}"
+            steps = f" x{self.layers}" if self.layers > 1 else ""
+            return (f"b{self.batch} ctx{self.seq} {h} d{self.head_dim} p{self.page_size} "
+                    f"kv={dt}{steps}")
         c = " causal" if self.causal else ""
         return f"b{self.batch} s{self.seq} {h} d{self.head_dim} {dt}{c}"
 
@@ -77,7 +82,7 @@ class Case:
         prefill 4*B*H*Sq*Sk*D, backward 2.5x that, halved when causal."""
         f = 4.0 * self.batch * self.num_heads * self.seq * self.seq * self.head_dim
         if self.kind == "decode":
-            return 4.0 * self.batch * self.num_heads * self.seq * self.head_dim
+            return 4.0 * self.batch * self.num_heads * self.seq * self.head_dim * self.layers
         if self.kind == "backward":
             f *= 2.5
         return f / 2 if self.causal else f
@@ -88,7 +93,7 @@ class Case:
         d = self.head_dim
         row = {"float32": 4 * d, "int8": d + 4, "float8_e4m3fn": d + 4, "float8_e5m2": d + 4,
                "int4": d // 2 + 2 * -(-d // 32)}.get(self.dtype, 2 * d)
-        return 2.0 * self.batch * self.seq * self.num_kv_heads * row
+        return 2.0 * self.batch * self.seq * self.num_kv_heads * row * self.layers
 
 
 def _dram_batch(base=16, ctx=4096, hkv=8, d=128, item=4, cap=64):
@@ -189,6 +194,19 @@ CASES = [
          note="decode_busy_core in a process that imported torch (its libgomp) first"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
+    Case("decode_tiny_plan_run", "decode", 1, 32, 8, 128, 16, dtype="float32", call="plan",
+         note="the tiny decode as PagedPlan.run (planned once)"),
+    Case("decode_tiny_plan_run_full", "decode", 1, 32, 8, 128, 16, dtype="float32",
+         call="plan_full", note="PagedPlan.run with cu_seqlens_q, out= and return_lse"),
+    # the same three call forms with a kernel of ~0.1 us: the cost of the call itself
+    *[Case(f"decode_call_h1_d16{tag}", "decode", 1, 1, 1, 16, 16, dtype="float32", call=call,
+           note=note) for tag, call, note in (
+        ("", "paged_attention", "one head, one page: paged_attention's call cost"),
+        ("_plan_run", "plan", "PagedPlan.run's call cost"),
+        ("_plan_run_full", "plan_full", "PagedPlan.run's call cost with cu_seqlens_q, out=, lse"))],
+    Case("decode_step_32layers_b8_ctx2048", "decode", 8, 32, 8, 128, 2048, dtype="float32",
+         call="step", layers=32,
+         note="a 32-layer decode step: one plan, 32 runs (torch: 32 sdpa calls)"),
     Case("backward_causal_s1024_fp32", "backward", 1, 16, 16, 64, 1024, True, "float32",
          note="dense backward (dq, dk, dv)"),
 ]
@@ -326,9 +344,7 @@ def _build_decode(c, rng, torch):
     block_table = rng.permutation(num_pages).astype(np.int32).reshape(b, pages_per_seq)
     seq_lens = np.full(b, ctx, dtype=np.int32)
     q = _randn(rng, (b, h, d), np.float32)
-    impls = {}
-    impls["cpuattn"] = (lambda: cpuattn.paged_attention(q, k_pages, v_pages, block_table,
-                                                        seq_lens, **scales), _f64)
+    impls = {"cpuattn": _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens, scales)}
     if c.busy:
         # only cpuattn, at the default threads and on 1 thread (run_case)
         for name in ("torch_sdpa", "torch_paged", "reference"):
@@ -355,6 +371,8 @@ def _build_decode(c, rng, torch):
 
         def run_contiguous():
             with torch.inference_mode():
+                for _ in range(c.layers - 1):
+                    _sdpa(torch, tq, tk, tv, False)
                 return _sdpa(torch, tq, tk, tv, False)   # one query sees the whole context
 
         def run_paged():
@@ -364,14 +382,41 @@ def _build_decode(c, rng, torch):
                 return _sdpa(torch, tq, kg[:, :ctx].transpose(1, 2),
                              vg[:, :ctx].transpose(1, 2), False)
         impls["torch_sdpa"] = (run_contiguous, post)
-        impls["torch_paged"] = (run_paged, post)
-    if _ref_fits(b, h, 1, ctx, d):
+        impls["torch_paged"] = (run_paged, post) if c.layers == 1 else Skip(
+            "n/a: one layer only (see torch_sdpa)")
+    if c.layers > 1:
+        impls["reference"] = Skip("n/a: a step of layers; the one-layer case checks the result")
+    elif _ref_fits(b, h, 1, ctx, d):
         impls["reference"] = (
             lambda: cpuattn.reference_attention(q[:, None], k_dense, v_dense, causal=True),
             lambda o: _f64(o)[:, 0])
     else:
         impls["reference"] = Skip("skipped: too large for the numpy reference")
     return impls
+
+
+def _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens, scales):
+    """(fn, post) of cpuattn's decode in the case's call form."""
+    b, ps, num_pages = q.shape[0], k_pages.shape[1], k_pages.shape[0]
+    if c.call == "paged_attention":
+        return (lambda: cpuattn.paged_attention(q, k_pages, v_pages, block_table, seq_lens,
+                                                **scales), _f64)
+    if c.call == "plan":
+        plan = cpuattn.PagedPlan(block_table, seq_lens, page_size=ps, num_pages=num_pages)
+        return (lambda: plan.run(q, k_pages, v_pages, **scales), _f64)
+    if c.call == "plan_full":
+        plan = cpuattn.PagedPlan(block_table, seq_lens, page_size=ps, num_pages=num_pages,
+                                 cu_seqlens_q=np.arange(b + 1, dtype=np.int32))
+        out = np.empty(q.shape, np.float32)
+        return (lambda: plan.run(q, k_pages, v_pages, out=out, return_lse=True, **scales),
+                lambda r: _f64(r[0]))
+
+    def step():   # "step": the runner's loop, one plan for every layer
+        plan = cpuattn.PagedPlan(block_table, seq_lens, page_size=ps, num_pages=num_pages)
+        for _ in range(c.layers):
+            out = plan.run(q, k_pages, v_pages, **scales)
+        return out
+    return step, _f64
 
 
 def _build_backward(c, rng, torch):
@@ -478,7 +523,8 @@ def _result_head(c):
             "params": {"batch": c.batch, "num_heads": c.num_heads,
                        "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
                        "seq": c.seq, "causal": c.causal, "dtype": c.dtype,
-                       "page_size": c.page_size if c.kind == "decode" else None},
+                       "page_size": c.page_size if c.kind == "decode" else None,
+                       "call": c.call, "layers": c.layers},
             "flops": c.flops(), "kv_bytes": c.kv_bytes() if c.kind == "decode" else None,
             "impls": {}}
 
@@ -759,6 +805,7 @@ def format_run(run):
                       f"{b['median_s_1thread'] * 1e3:.2f} ms, ratio "
                       f"{b['ratio_default_over_1thread']:.2f} (goal <= 1.10)"]
     lines += _low_bit_lines(run)
+    lines += _plan_lines(run)
     notes = sorted({e["reason"] for res in run["results"] for e in res["impls"].values()
                     if e["status"] in ("error", "unsupported", "unavailable")})
     if notes:
@@ -789,6 +836,37 @@ def _low_bit_lines(run):
         lines.append(f"{r['case']}: {ratio:.2f}x the speed of bf16 pages "
                      f"({b['impls']['cpuattn']['median_s'] * 1e3:.2f} ms -> "
                      f"{mine['median_s'] * 1e3:.2f} ms; goal >= {LOW_BIT_GOAL[dt]}x on 2 cores)")
+    return [""] + lines if lines else []
+
+
+# issue 14's goals on 2 cores
+PLAN_GOAL_US = {"plan": 3.0, "plan_full": 4.0}
+STEP_GOAL = 1.05
+
+
+def _plan_lines(run):
+    """PagedPlan.run's call cost, and a step of layers over as many single
+    calls of the same shape (the one-layer case of the run)."""
+    ok = [r for r in run["results"] if r["kind"] == "decode"
+          and r["impls"]["cpuattn"]["status"] == "ok"]
+
+    def single(r):
+        p = dict(r["params"], call="paged_attention", layers=1)
+        return next((x for x in ok if x["params"] == p), None)
+    lines = []
+    for r in ok:
+        call, med = r["params"].get("call"), r["impls"]["cpuattn"]["median_s"]
+        one = single(r)
+        if call in PLAN_GOAL_US:
+            base = "" if one is None else (f"; paged_attention "
+                                           f"{one['impls']['cpuattn']['median_s'] * 1e6:.1f} us")
+            lines.append(f"{r['case']}: {med * 1e6:.1f} us per call (goal <= "
+                         f"{PLAN_GOAL_US[call]:.0f} us on 2 cores){base}")
+        elif call == "step" and one is not None:
+            n, t1 = r["params"]["layers"], one["impls"]["cpuattn"]["median_s"]
+            lines.append(f"{r['case']}: {med * 1e3:.1f} ms = {med / (n * t1):.3f} x {n} "
+                         f"paged_attention calls of {one['case']} ({t1 * 1e3:.2f} ms each; "
+                         f"goal <= {STEP_GOAL})")
     return [""] + lines if lines else []
 
 
