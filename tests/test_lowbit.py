@@ -353,9 +353,9 @@ def test_shared_prefix_pages(rng, kt, vt):
 @pytest.mark.parametrize("kt,vt", [("int8", "int4"), ("float8_e4m3fn", "float16"),
                                    ("int4", "float8_e5m2")])
 def test_checked_fast_path_equals_general_path(rng, kt, vt):
-    """Plain decode calls take the C-checked fast path (no out=); with out=
-    they take the general checks: the same bytes either way, and strided
-    scales (copied by the general path) give them too."""
+    """Plain inputs are checked in C, others (strided scales, a numpy-scalar
+    fp8 scale) by the general checks, which hand them back in plain form:
+    the same bytes either way, with or without out=."""
     K, Vv, bt, lens = lowbit_pages(rng, [90, 1, 33], 16, 2, 64, kt, vt)
     q = randn(rng, (3, 8, 64))
     fast = cpuattn.paged_attention(q, K[0], Vv[0], bt, lens, k_scale=K[1], v_scale=Vv[1])

@@ -90,7 +90,11 @@ def test_stub_matches_module(name):
         if isinstance(node, ast.FunctionDef):
             assert _stub_params(node) == _params(obj), f"{name}.{key}: parameters differ"
         elif isinstance(node, ast.ClassDef):
-            members = _stub_names(node.body)
+            members = {}
+            for base in node.bases:   # members a stub class inherits from one in the same stub
+                if isinstance(base, ast.Name) and isinstance(stub.get(base.id), ast.ClassDef):
+                    members.update(_stub_names(stub[base.id].body))
+            members.update(_stub_names(node.body))
             have = {m for m in dir(obj) if _public(m)}
             assert sorted(members) == sorted(have), (
                 f"{name}.{key}: missing {sorted(have - set(members))}, "

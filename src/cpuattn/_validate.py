@@ -5,9 +5,9 @@ they get. Each call form (dense, packed, paged, and their backward) turns its
 arguments into a checked :class:`Call` (arrays, layout, sequences, options)
 that the engine drivers (``_forward.forward``, ``_backward.backward``) run
 as is. Errors name the argument, what was expected and what was received.
-The one exception is the plain-decode fast path in ``_forward.paged_decode``,
-which accepts a strict subset of inputs checked in C and hands everything
-else (including every invalid input) back to the checks here.
+The one exception is ``_plan.PagedPlan``: it checks plain paged inputs in C
+by the same rules and hands everything else (including every invalid input)
+to the checks here, which raise or give the inputs back in plain form.
 """
 import math
 import numbers

@@ -277,35 +277,35 @@ int cpa_pool_seq_len(cpa_pool *p, int64_t seq, int64_t *len_out)
     return rc;
 }
 
-int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const rows[CPA_PLANES], int64_t n,
-                    int64_t *need_out)
+/* Grow sequence seq by n tokens under the lock, then store their rows
+ * (append) or their slots (reserve). */
+static int extend(cpa_pool *p, int64_t seq, int64_t n, const char *const rows[CPA_PLANES],
+                  int64_t *slots, int64_t *need_out)
 {
     cpa_seq *s;
     LOCK(&p->lock);
     int rc = lookup(p, seq, &s);
-    if (rc == CPA_POOL_OK && n > 0) {
-        int64_t len = s->len;
-        if ((rc = grow(p, s, n, need_out)) == CPA_POOL_OK)
+    const int64_t len = rc == CPA_POOL_OK ? s->len : 0;
+    if (rc == CPA_POOL_OK && n > 0 && (rc = grow(p, s, n, need_out)) == CPA_POOL_OK) {
+        if (rows)
             copy_rows(p, s, len, n, 0, p->num_layers, (char *const *)rows, 1);
+        for (int64_t i = 0; slots && i < n; i++)
+            slots[i] = (int64_t)s->pages[(len + i) / p->page_size] * p->page_size +
+                       (len + i) % p->page_size;
     }
     UNLOCK(&p->lock);
     return rc;
 }
 
+int cpa_pool_append(cpa_pool *p, int64_t seq, const char *const rows[CPA_PLANES], int64_t n,
+                    int64_t *need_out)
+{
+    return extend(p, seq, n, rows, NULL, need_out);
+}
+
 int cpa_pool_reserve(cpa_pool *p, int64_t seq, int64_t n, int64_t *slots, int64_t *need_out)
 {
-    cpa_seq *s;
-    LOCK(&p->lock);
-    int rc = lookup(p, seq, &s);
-    if (rc == CPA_POOL_OK && n > 0) {
-        int64_t len = s->len;
-        if ((rc = grow(p, s, n, need_out)) == CPA_POOL_OK)
-            for (int64_t i = 0; i < n; i++)
-                slots[i] = (int64_t)s->pages[(len + i) / p->page_size] * p->page_size +
-                           (len + i) % p->page_size;
-    }
-    UNLOCK(&p->lock);
-    return rc;
+    return extend(p, seq, n, NULL, slots, need_out);
 }
 
 int cpa_pool_write(cpa_pool *p, int64_t layer, const int64_t *slots, int64_t n,
