@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import cpuattn  # noqa: E402
 import cpuattn.integrations.hf as cpuattn_hf  # noqa: E402
 from cpuattn import CpuAttnError, ShapeError  # noqa: E402
 
@@ -187,23 +188,39 @@ def test_sliding_window_model():
                                    rtol=0, atol=0)
 
 
-def test_gpt_oss_sinks_refused_not_dropped():
-    """gpt-oss passes its attention sinks as ``s_aux``; ignoring them gives
-    wrong logits, so the backend must raise instead."""
-    cpuattn_hf.register()
+def test_gpt_oss_sinks_honoured():
+    """gpt-oss passes its attention sinks as ``s_aux`` (and has sliding and
+    full layers): the logits and greedy tokens equal eager's."""
     cfg = transformers.GptOssConfig(
         hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
         vocab_size=VOCAB, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         pad_token_id=0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="cpuattn")
-    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad(), pytest.raises(CpuAttnError, match="s_aux"):
-        model(ids)
+    eager, ours = twin_models(cfg)
+    with torch.no_grad():
+        for layer in list(eager.model.layers) + list(ours.model.layers):
+            layer.self_attn.sinks.normal_(0, 2, generator=torch.Generator().manual_seed(3))
+    ids, mask = left_padded([12, 7], 12, seed=8)
+    assert_same_logits((eager, ours), ids, mask)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
+                                   rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["s_aux", "sinks", "position_bias", "indices", "cache",
-                                  "block_indices", "some_future_keyword"])
+def test_sinks_keyword_equals_the_kernel():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g), \
+        torch.randn(1, 2, 3, 8, generator=g)
+    s = torch.randn(4, generator=g)
+    got, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None, s_aux=s)
+    want = cpuattn.attention(q.transpose(1, 2).numpy(), k.transpose(1, 2).numpy(),
+                             v.transpose(1, 2).numpy(), causal=True, sinks=s.numpy())
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("name", ["position_bias", "indices", "cache", "block_indices",
+                                  "some_future_keyword"])
 def test_unhonoured_keywords_raise(name):
     q = torch.randn(1, 2, 3, 4)
     k = v = torch.randn(1, 2, 3, 4)

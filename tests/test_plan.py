@@ -183,10 +183,10 @@ def test_bad_input_names_the_argument(rng):
         plan.run(q, kp, vp, scale=float("nan"))
     with pytest.raises(ShapeError, match="window"):
         plan.run(q, kp, vp, window=(-2, 0))
-    with pytest.raises(NotImplementedError, match="sinks"):
-        plan.run(q, kp, vp, sinks=np.zeros(4, np.float32))
-    with pytest.raises(NotImplementedError, match="alibi"):
-        plan.run(q, kp, vp, alibi_slopes=np.zeros(4, np.float32))
+    with pytest.raises(ShapeError, match="sinks"):
+        plan.run(q, kp, vp, sinks=np.zeros(3, np.float32))
+    with pytest.raises(DTypeError, match="alibi_slopes"):
+        plan.run(q, kp, vp, alibi_slopes=np.zeros(4, np.int64))
     # in place over q is allowed, as for paged_attention
     qq = q.copy()
     want = plan.run(q, kp, vp)

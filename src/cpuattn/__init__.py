@@ -14,6 +14,7 @@ from ._plan import PagedPlan
 from ._pool import PagePool
 from .errors import CpuAttnError, DTypeError, PageError, PoolFullError, ShapeError
 from .kvcache import KVCache
+from .merge import merge_attention_states
 from .quant import dequantize_kv, quantize_kv
 from .reference import reference_attention
 from . import layers  # numpy only; makes ``cpuattn.layers`` available after ``import cpuattn``
@@ -45,7 +46,7 @@ def info() -> "dict[str, Any]":
 __all__ = [
     "attention", "attention_varlen", "reference_attention", "paged_attention", "gather_pages",
     "PagePool", "PagedPlan", "write_kv", "attention_backward", "attention_varlen_backward", "paged_attention_backward",
-    "KVCache", "layers", "quantize_kv", "dequantize_kv",
+    "KVCache", "layers", "quantize_kv", "dequantize_kv", "merge_attention_states",
     "CpuAttnError", "ShapeError", "DTypeError", "PageError", "PoolFullError",
     "get_num_threads", "set_num_threads", "info", "__version__",
 ]

@@ -40,6 +40,8 @@ def backward(call, cnp.ndarray out, cnp.ndarray dout, cnp.ndarray lse, cnp.ndarr
     a.dv = rows_of(dv, kv_axes)
     a.di = rows_of(di, lse_axes)
     a.f64 = call.q.dtype.itemsize == 8
+    if call.alibi is not None:
+        a.alibi = <const double *>cnp.PyArray_DATA(<cnp.ndarray>call.alibi)
     seqs = call.seqs
     cdef int64_t work = int((seqs.q_len * seqs.k_len).sum()) * a.num_heads * (
         a.head_dim_qk + a.head_dim_v)

@@ -64,18 +64,20 @@ class Case:
     call: str = "paged_attention"   # decode: "paged_attention", "plan" (PagedPlan.run),
     #   "plan_full" (run with cu_seqlens_q, out= and lse), "step" (one plan, `layers` runs)
     layers: int = 1           # decode "step": runs per step (one model's layers)
+    features: str = ""        # "sinks" or "alibi": the call with attention sinks / ALiBi
 
     def shape(self):
         """A short human description of the shape."""
         h = f"h{self.num_heads}:{self.num_kv_heads}"
         dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
               "int4": "int4", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}[self.dtype]
+        extra = f" +{self.features}" if self.features else ""
         if self.kind == "decode":
             steps = f" x{self.layers}" if self.layers > 1 else ""
             return (f"b{self.batch} ctx{self.seq} {h} d{self.head_dim} p{self.page_size} "
-                    f"kv={dt}{steps}")
+                    f"kv={dt}{steps}{extra}")
         c = " causal" if self.causal else ""
-        return f"b{self.batch} s{self.seq} {h} d{self.head_dim} {dt}{c}"
+        return f"b{self.batch} s{self.seq} {h} d{self.head_dim} {dt}{c}{extra}"
 
     def flops(self):
         """Floating point operations of the attention maths (no softmax):
@@ -165,8 +167,12 @@ CASES = [
          note="BERT-base-like encoder"),
     Case("prefill_causal_s2048_bf16", "prefill", 1, 32, 8, 128, 2048, True, "bfloat16",
          note="bf16 q/k/v (ml_dtypes)"),
+    *[Case(f"prefill_causal_s2048_fp32_{f}", "prefill", 1, 32, 8, 128, 2048, True, "float32",
+           features=f, note=f"prefill_causal_s2048_fp32 with {f}") for f in ("sinks", "alibi")],
     Case("decode_b8_ctx2048_fp32", "decode", 8, 32, 8, 128, 2048, dtype="float32",
          note="batched decode, fp32 pages"),
+    *[Case(f"decode_b8_ctx2048_fp32_{f}", "decode", 8, 32, 8, 128, 2048, dtype="float32",
+           features=f, note=f"decode_b8_ctx2048_fp32 with {f}") for f in ("sinks", "alibi")],
     Case("decode_b8_ctx2048_fp16", "decode", 8, 32, 8, 128, 2048, dtype="float16",
          note="fp32 q over fp16 pages"),
     Case("decode_b8_ctx2048_bf16", "decode", 8, 32, 8, 128, 2048, dtype="bfloat16",
@@ -303,10 +309,24 @@ def _dense_qkv(c, rng):
             _randn(rng, (b, s, hkv, d), dt))
 
 
+def _features(c, rng):
+    """The sinks / ALiBi keywords of a case: gpt-oss-like sinks (N(0, 1)),
+    the ALiBi paper's slopes 2^(-8 (h + 1) / H)."""
+    if c.features == "sinks":
+        return {"sinks": rng.standard_normal(c.num_heads).astype(np.float32)}
+    if c.features == "alibi":
+        h = np.arange(c.num_heads)
+        return {"alibi_slopes": (2.0 ** (-8.0 * (h + 1) / c.num_heads)).astype(np.float32)}
+    return {}
+
+
 def _build_prefill(c, rng, torch):
     q, k, v = _dense_qkv(c, rng)
-    impls = {"cpuattn": (lambda: cpuattn.attention(q, k, v, causal=c.causal), _f64)}
-    if torch is None:
+    f = _features(c, rng)
+    impls = {"cpuattn": (lambda: cpuattn.attention(q, k, v, causal=c.causal, **f), _f64)}
+    if f:
+        impls["torch_sdpa"] = Skip("n/a: SDPA has no sinks (compare with the case without)")
+    elif torch is None:
         impls["torch_sdpa"] = Skip("unavailable: torch is not installed")
     else:
         tq, tk, tv = (_to_torch(torch, x).transpose(1, 2) for x in (q, k, v))
@@ -317,7 +337,8 @@ def _build_prefill(c, rng, torch):
         impls["torch_sdpa"] = (run_torch, lambda o: _from_torch(o).transpose(0, 2, 1, 3))
     impls["torch_paged"] = Skip("n/a: dense case")
     if _ref_fits(c.batch, c.num_heads, c.seq, c.seq, c.head_dim):
-        impls["reference"] = (lambda: cpuattn.reference_attention(q, k, v, causal=c.causal), _f64)
+        impls["reference"] = (lambda: cpuattn.reference_attention(q, k, v, causal=c.causal, **f),
+                              _f64)
     else:
         impls["reference"] = Skip("skipped: too large for the numpy reference")
     return impls
@@ -347,7 +368,9 @@ def _build_decode(c, rng, torch):
     block_table = rng.permutation(num_pages).astype(np.int32).reshape(b, pages_per_seq)
     seq_lens = np.full(b, ctx, dtype=np.int32)
     q = _randn(rng, (b, h, d), np.float32)
-    impls = {"cpuattn": _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens, scales)}
+    f = _features(c, rng)
+    impls = {"cpuattn": _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens,
+                                        dict(scales, **f))}
     if c.busy:
         # only cpuattn, at the default threads and on 1 thread (run_case)
         for name in ("torch_sdpa", "torch_paged", "reference"):
@@ -356,7 +379,10 @@ def _build_decode(c, rng, torch):
     # the same context as contiguous (B, ctx, Hkv, D) arrays
     k_dense = k_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
     v_dense = v_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
-    if low:
+    if f:
+        impls["torch_sdpa"] = impls["torch_paged"] = Skip(
+            "n/a: SDPA has no sinks (compare with the case without)")
+    elif low:
         impls["torch_sdpa"] = impls["torch_paged"] = Skip(
             "n/a: torch has no low-bit KV cache (compare with the bf16 case)")
     elif torch is None:
@@ -391,7 +417,7 @@ def _build_decode(c, rng, torch):
         impls["reference"] = Skip("n/a: a step of layers; the one-layer case checks the result")
     elif _ref_fits(b, h, 1, ctx, d):
         impls["reference"] = (
-            lambda: cpuattn.reference_attention(q[:, None], k_dense, v_dense, causal=True),
+            lambda: cpuattn.reference_attention(q[:, None], k_dense, v_dense, causal=True, **f),
             lambda o: _f64(o)[:, 0])
     else:
         impls["reference"] = Skip("skipped: too large for the numpy reference")
@@ -535,7 +561,7 @@ def _result_head(c):
                        "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
                        "seq": c.seq, "causal": c.causal, "dtype": c.dtype,
                        "page_size": c.page_size if c.kind == "decode" else None,
-                       "call": c.call, "layers": c.layers},
+                       "call": c.call, "layers": c.layers, "features": c.features},
             "flops": c.flops(), "kv_bytes": c.kv_bytes() if c.kind == "decode" else None,
             "impls": {}}
 
@@ -817,6 +843,7 @@ def format_run(run):
                       f"{b['ratio_default_over_1thread']:.2f} (goal <= 1.10)"]
     lines += _low_bit_lines(run)
     lines += _plan_lines(run)
+    lines += _feature_lines(run)
     notes = sorted({e["reason"] for res in run["results"] for e in res["impls"].values()
                     if e["status"] in ("error", "unsupported", "unavailable")})
     if notes:
@@ -883,6 +910,25 @@ def _plan_lines(run):
             lines.append(f"{r['case']}: {med * 1e3:.1f} ms = {med / (n * t1):.3f} x {n} "
                          f"paged_attention calls of {one['case']} ({t1 * 1e3:.2f} ms each; "
                          f"goal <= {STEP_GOAL}){also}")
+    return [""] + lines if lines else []
+
+
+FEATURE_GOAL = 1.03   # issue 15: sinks or ALiBi over the same call without
+
+
+def _feature_lines(run):
+    """Each sinks / ALiBi case over the same case without them."""
+    ok = {tuple(sorted(r["params"].items())): r for r in run["results"]
+          if r["impls"]["cpuattn"]["status"] == "ok"}
+    lines = []
+    for r in run["results"]:
+        feat = r["params"].get("features")
+        base = ok.get(tuple(sorted(dict(r["params"], features="").items()))) if feat else None
+        if base is None or r["impls"]["cpuattn"]["status"] != "ok":
+            continue
+        t, t0 = r["impls"]["cpuattn"]["median_s"], base["impls"]["cpuattn"]["median_s"]
+        lines.append(f"{r['case']}: {t / t0:.3f} x the time of {base['case']} "
+                     f"({t0 * 1e3:.2f} -> {t * 1e3:.2f} ms; goal <= {FEATURE_GOAL})")
     return [""] + lines if lines else []
 
 

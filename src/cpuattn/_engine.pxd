@@ -60,6 +60,8 @@ cdef extern from "forward.h" nogil:
         int32_t q_dtype, k_dtype, v_dtype
         double scale, softcap
         cpa_mask mask
+        const double *sinks
+        const double *alibi
         int64_t num_seqs
         const int64_t *q_start, *k_start, *q_len, *k_len
         const int32_t *block_table
@@ -87,6 +89,7 @@ cdef extern from "backward.h" nogil:
         int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v
         int32_t f64
         double scale, softcap
+        const double *alibi
         cpa_mask mask
         int64_t num_seqs
         const int64_t *q_start, *k_start, *q_len, *k_len

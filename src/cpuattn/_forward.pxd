@@ -19,3 +19,4 @@ cdef int run_work(const cpa_fwd_args *a, const fwd_work *w) except -1
 cdef int float_code(cnp.ndarray x)
 cdef int page_code(cnp.ndarray x)
 cdef cpa_rows scale_rows(object scale)
+cdef const double *doubles(object x)

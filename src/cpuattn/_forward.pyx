@@ -58,6 +58,8 @@ def forward(call, cnp.ndarray out, lse):
     a.v_dtype = page_code(v)
     a.k_scale = scale_rows(call.k_scale)
     a.v_scale = scale_rows(call.v_scale)
+    a.sinks = doubles(call.sinks)
+    a.alibi = doubles(call.alibi)
     cdef cnp.ndarray bt
     if call.block_table is not None:
         bt = call.block_table
@@ -65,6 +67,11 @@ def forward(call, cnp.ndarray out, lse):
         a.bt_stride = bt.shape[1]
         a.page_size = k.shape[1]
     run(&a)
+
+
+cdef const double *doubles(object x):
+    """Data of a contiguous float64 array, or NULL for None."""
+    return NULL if x is None else <const double *>cnp.PyArray_DATA(<cnp.ndarray>x)
 
 
 cdef cpa_rows scale_rows(object scale):

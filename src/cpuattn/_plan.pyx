@@ -24,7 +24,8 @@ import numpy as np
 
 from ._engine cimport (CPA_E4M3, CPA_E5M2, CPA_F64, CPA_I4, cpa_dtype_bits, cpa_fwd_args,
                        rows_of)
-from ._forward cimport fwd_work, float_code, free_work, page_code, plan_work, run_work, scale_rows
+from ._forward cimport (fwd_work, doubles, float_code, free_work, page_code, plan_work, run_work,
+                        scale_rows)
 from . import _validate as V
 from ._forward import LAYOUTS as _LAYOUTS
 from .errors import PageError, ShapeError
@@ -286,8 +287,8 @@ cdef class PagedPlan:
                 types apart (see :func:`cpuattn.paged_attention`).
             causal, scale, window, softcap, k_scale, v_scale, return_lse,
                 out: as :func:`cpuattn.paged_attention`.
-            sinks, alibi_slopes: not supported yet (NotImplementedError if
-                given, never ignored).
+            sinks, alibi_slopes: optional float ``(num_heads,)``, as
+                :func:`cpuattn.attention`.
 
         Returns:
             ``out`` ``(num_queries, num_heads, head_dim_v)`` in q's dtype, or
@@ -304,14 +305,10 @@ cdef class PagedPlan:
 
     cdef object _run(self, q, k_pages, v_pages, k_scale, v_scale, causal, scale, window,
                      softcap, sinks, alibi_slopes, return_lse, out):
-        if sinks is not None:
-            raise NotImplementedError("sinks: attention sinks are not supported yet")
-        if alibi_slopes is not None:
-            raise NotImplementedError("alibi_slopes: ALiBi is not supported yet")
         cdef cpa_fwd_args a
         memset(&a, 0, sizeof(a))
         kept = self._fill(&a, q, k_pages, v_pages, k_scale, v_scale, causal, scale, window,
-                          softcap, out, False)
+                          softcap, sinks, alibi_slopes, out, False)
         if kept is None:
             # not plain: the general checks raise, or give the inputs in plain form
             q, k_pages, v_pages, k_scale, v_scale, dims = V.paged_operands(
@@ -322,9 +319,11 @@ cdef class PagedPlan:
                 V.check_out(out, (self.num_queries, dims[0], dims[3]), q.dtype,
                             [("q", q, True), ("k_pages", k_pages, False),
                              ("v_pages", v_pages, False)])
+            sinks = V.head_vector(sinks, "sinks", dims[0])
+            alibi_slopes = V.head_vector(alibi_slopes, "alibi_slopes", dims[0])
             kept = self._fill(&a, q, k_pages, v_pages, k_scale, v_scale, opts.causal,
                               opts.scale, (opts.window_left, opts.window_right), opts.softcap,
-                              out, True)
+                              sinks, alibi_slopes, out, True)
             if kept is None:
                 raise RuntimeError("cpuattn internal error: checked paged inputs not plain")
         res = kept[0]
@@ -347,7 +346,7 @@ cdef class PagedPlan:
             raise ShapeError(V.plan_queries_message(self._decode, self.num_queries, q.shape))
 
     cdef object _fill(self, cpa_fwd_args *a, q, k_pages, v_pages, k_scale, v_scale, causal,
-                      scale, window, softcap, out, bint checked):
+                      scale, window, softcap, sinks, alibi, out, bint checked):
         """Fill a from plain inputs: (out array, kept alive objects), or None
         when any input is not plain (or not valid). checked: the general
         checks passed (scales as they return them; out checked)."""
@@ -375,6 +374,8 @@ cdef class PagedPlan:
                 or vd[0] != kd[0] or vd[1] != kd[1] or vd[2] != hkv or dk != d or d < 1
                 or dv < 1 or hkv < 1 or h < 1 or h % hkv or h > INDEX_MAX or d > INDEX_MAX
                 or dv > INDEX_MAX):
+            return None
+        if not (_heads_ok(sinks, h) and _heads_ok(alibi, h)):
             return None
         if checked:
             ks, vs = k_scale, v_scale
@@ -408,6 +409,8 @@ cdef class PagedPlan:
         a.q_dtype, a.k_dtype, a.v_dtype = qc, kc, vc
         a.k_scale = scale_rows(ks)
         a.v_scale = scale_rows(vs)
+        a.sinks = doubles(sinks)
+        a.alibi = doubles(alibi)
         a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
         a.softcap = <double>softcap
         a.mask.causal = causal
@@ -420,7 +423,7 @@ cdef class PagedPlan:
         a.block_table = <const int32_t *>cnp.PyArray_DATA(self._table)
         a.bt_stride = cnp.PyArray_DIMS(self._table)[1]
         a.page_size = self.page_size
-        return (oa, ks, vs)
+        return (oa, ks, vs, sinks, alibi)
 
     cdef int _ensure_work(self, cpa_fwd_args *a) except -1:
         """The work list of a's head counts and mask: the plan's, re-planned
@@ -435,6 +438,14 @@ cdef class PagedPlan:
             self._key_left, self._key_right = a.mask.window_left, a.mask.window_right
             self._planned = True
         return 0
+
+
+cdef bint _heads_ok(object x, int64_t h):
+    """None, or float64 C-contiguous (h,): a plain sinks / alibi_slopes."""
+    return x is None or (type(x) is np.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>x) == 1
+                         and cnp.PyArray_DIMS(<cnp.ndarray>x)[0] == h
+                         and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT64
+                         and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x))
 
 
 cdef bint _no_broadcast(cnp.ndarray x) noexcept:

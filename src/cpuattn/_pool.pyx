@@ -661,7 +661,8 @@ cdef class PagePool:
         return self._table(self._seq_ids(seqs), False)
 
     def attention(self, q, seqs, *, layer=0, cu_seqlens_q=None, causal=True, scale=None,
-                  window=(-1, -1), softcap=0.0, return_lse=False, out=None):
+                  window=(-1, -1), softcap=0.0, sinks=None, alibi_slopes=None,
+                  return_lse=False, out=None):
         """Paged attention over the listed sequences, as
         ``cpuattn.paged_attention(q, k_pages, v_pages, *block_table(seqs), ...)``
         over layer ``layer``; the same as ``plan(seqs, ...).run(q, ...)``
@@ -677,8 +678,8 @@ cdef class PagePool:
             seqs: ``batch`` sequence ids; their K/V must already include the
                 queries' own tokens (append first).
             layer: int in ``[0, num_layers)``.
-            cu_seqlens_q, causal, scale, window, softcap, return_lse, out: as
-                in ``cpuattn.paged_attention``.
+            cu_seqlens_q, causal, scale, window, softcap, sinks, alibi_slopes,
+                return_lse, out: as in ``cpuattn.paged_attention``.
 
         Returns:
             ``out`` ``(rows, num_heads, head_dim)`` in q's dtype, or
@@ -694,7 +695,8 @@ cdef class PagePool:
         """
         with self.plan(seqs, cu_seqlens_q=cu_seqlens_q) as p:
             return p.run(q, layer=layer, causal=causal, scale=scale, window=window,
-                         softcap=softcap, return_lse=return_lse, out=out)
+                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                         return_lse=return_lse, out=out)
 
     def plan(self, seqs, *, cu_seqlens_q=None, tree_mask=None):
         """A :class:`cpuattn.PagedPlan` over the listed sequences of this pool,

@@ -154,6 +154,8 @@ class Call(NamedTuple):
     head_dim_v: int
     k_scale: "np.ndarray | None" = None   # low-bit pages: their scales (kv_scale)
     v_scale: "np.ndarray | None" = None
+    sinks: "np.ndarray | None" = None     # float64 (heads,) each (head_vector)
+    alibi: "np.ndarray | None" = None
 
 
 def compute_dtype(dtype):
@@ -261,6 +263,24 @@ def check_index_array(x, name, ndim, length=None):
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def head_vector(x, name, num_heads):
+    """A per-query-head float vector (sinks, ALiBi slopes) as contiguous
+    float64 (num_heads,), or None: any float dtype, kept exactly (float32
+    values are exact in float64; kernels computing in float32 round them
+    once). NaN and inf are kept (a NaN sink or slope propagates to its
+    head's rows)."""
+    if x is None:
+        return None
+    arr = as_array(x, name) if not isinstance(x, np.ndarray) else x
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        raise DTypeError(f"{name}: expected a float array (float32) of one value per query "
+                         f"head, got dtype {arr.dtype}")
+    if arr.shape != (num_heads,):
+        raise ShapeError(f"{name}: expected shape ({num_heads},) (one per query head), "
+                         f"got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
 def check_slots(slots, name="slots"):
     """Slot ids (page * page_size + offset): a 1-D integer array as
     contiguous int64; their range is checked against the storage later."""
@@ -361,7 +381,7 @@ def _head_dims(q, k, v, heads_axis, kname="k", vname="v"):
     return h, hkv, d, v.shape[-1]
 
 
-def dense_call(q, k, v, causal, scale, window, softcap):
+def dense_call(q, k, v, causal, scale, window, softcap, sinks=None, alibi=None):
     """The Call of the dense API: q (B, Sq, H, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
     q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
     check_ndim(q, "q", 4, "(batch, seq_q, num_heads, head_dim)")
@@ -382,10 +402,13 @@ def dense_call(q, k, v, causal, scale, window, softcap):
     seqs = Sequences(zeros, zeros, np.full(b, sq, dtype=np.int64),
                      np.full(b, sk, dtype=np.int64))
     opts = check_options(scale, window, softcap, causal, dims[2])
-    return Call(q, k, v, "dense", seqs, opts, None, *dims)
+    return Call(q, k, v, "dense", seqs, opts, None, *dims,
+                sinks=head_vector(sinks, "sinks", dims[0]),
+                alibi=head_vector(alibi, "alibi_slopes", dims[0]))
 
 
-def packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap):
+def packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap,
+                sinks=None, alibi=None):
     """The Call of the packed (varlen) API: q (Tq, H, D), k (Tk, Hkv, D),
     v (Tk, Hkv, Dv) and both cu_seqlens of one batch size."""
     q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
@@ -403,7 +426,9 @@ def packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, soft
                          f"got {cuk.shape}")
     opts = check_options(scale, window, softcap, causal, dims[2])
     seqs = Sequences(cuq[:-1].copy(), cuk[:-1].copy(), np.diff(cuq), np.diff(cuk))
-    return Call(q, k, v, "packed", seqs, opts, None, *dims)
+    return Call(q, k, v, "packed", seqs, opts, None, *dims,
+                sinks=head_vector(sinks, "sinks", dims[0]),
+                alibi=head_vector(alibi, "alibi_slopes", dims[0]))
 
 
 def pages(k_pages, v_pages, low_bit=False):
@@ -519,7 +544,7 @@ def paged_operands(q, k_pages, v_pages, k_scale, v_scale, any_float_pages=False)
 
 
 def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale, window,
-               softcap):
+               softcap, sinks=None, alibi=None):
     """The Call of the paged backward: q (Tq, H, D) over float pages
     (P, page_size, Hkv, D) of q's dtype family (see paged_operands)."""
     q, k_pages, v_pages, ks, vs, dims = paged_operands(q, k_pages, v_pages, None, None,
@@ -532,7 +557,8 @@ def paged_call(q, k_pages, v_pages, table, seq_lens, cu_seqlens_q, causal, scale
     opts = check_options(scale, window, softcap, causal, dims[2])
     q_start = cuq[:-1].copy()
     seqs = Sequences(q_start, q_start, np.diff(cuq), lens)   # k_start: unused for pages
-    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, *dims, ks, vs)
+    return Call(q, k_pages, v_pages, "paged", seqs, opts, bt, *dims, ks, vs,
+                head_vector(sinks, "sinks", dims[0]), head_vector(alibi, "alibi_slopes", dims[0]))
 
 
 def paged_queries(cu_seqlens_q, lens):

@@ -12,7 +12,9 @@ import numpy as np
 
 from . import _backward
 from . import _validate as V
-from ._typing import Array, ArrayLike, Window
+from ._typing import Array, ArrayLike, FloatArray, Window
+
+Grads = tuple[Array, Array, Array] | tuple[Array, Array, Array, FloatArray]
 
 
 def _run(call, out, dout, lse):
@@ -33,11 +35,34 @@ def _run(call, out, dout, lse):
     return dq, dk, dv
 
 
+def _sink_grad(call, out, dout, lse):
+    """dsinks (num_heads,) of a call with sinks, in the compute dtype (float32,
+    float64 for float64 input): the sink is one more
+    logit of each row's softmax with no value, so dL/dsink_h = -sum over the
+    rows of head h of exp(sink_h - lse) * rowsum(dO * O)."""
+    with np.errstate(all="ignore"):
+        di = np.einsum("...hd,...hd->...h", dout.astype(np.float64), out.astype(np.float64))
+        heads_last = np.moveaxis(lse.astype(np.float64), -2 if call.layout == "dense" else 0, -1)
+        p = np.exp(call.sinks.astype(np.float64) - heads_last)   # (..., tokens, heads)
+        p = np.where(np.isneginf(heads_last), 0.0, p)
+        return (-(p * di).reshape(-1, call.heads).sum(axis=0)).astype(V.compute_dtype(call.q.dtype))
+
+
+def _grads(call, out, dout, lse, grads):
+    """The backward's result: (dq, dk, dv) in their dtypes, and dsinks when
+    the call has sinks."""
+    if call.sinks is None:
+        return grads
+    return grads + (_sink_grad(call, out, dout, lse),)
+
+
 def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike,
                        lse: ArrayLike, *, causal: bool = False, scale: float | None = None,
-                       window: Window = (-1, -1), softcap: float = 0.0
-                       ) -> tuple[Array, Array, Array]:
-    """Gradients of :func:`cpuattn.attention` with respect to q, k and v.
+                       window: Window = (-1, -1), softcap: float = 0.0,
+                       sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None
+                       ) -> Grads:
+    """Gradients of :func:`cpuattn.attention` with respect to q, k and v
+    (and the sinks).
 
     Args:
         dout: ``(batch, seq_q, num_heads, head_dim_v)``, gradient of the output.
@@ -49,12 +74,15 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
             input), as returned by ``cpuattn.attention(..., return_lse=True)``.
             dout, q, k, v and out share one dtype: float32, float64, float16 or
             bfloat16. Any strides work as long as the last axis is contiguous.
-        causal, scale, window, softcap: the options of the forward call.
+        causal, scale, window, softcap, sinks, alibi_slopes: the options of
+            the forward call (its lse includes the sinks).
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, in their dtype; dk/dv are summed
         over the query heads of each KV group. Rows that saw no key (lse
         ``-inf``) get zero gradients, and keys no row sees get zero dk/dv.
+        With ``sinks``, a fourth gradient ``dsinks`` ``(num_heads,)``, float32
+        (float64 for float64 input).
 
     Compute is float32 (float64 for float64 input). float16/bfloat16 inputs
     are converted to float32 copies first and the gradients rounded back.
@@ -62,16 +90,18 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
     bitwise identical for any thread count. Raises ShapeError / DTypeError on
     bad input.
     """
-    call = V.dense_call(q, k, v, causal, scale, window, softcap)
+    call = V.dense_call(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes)
     out, dout, lse = V.forward_results(call, out, dout, lse)
-    return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
+    return _grads(call, out, dout, lse,
+                  tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse)))
 
 
 def attention_varlen_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike,
                               out: ArrayLike, lse: ArrayLike, cu_seqlens_q: ArrayLike,
                               cu_seqlens_k: ArrayLike, *, causal: bool = False,
                               scale: float | None = None, window: Window = (-1, -1),
-                              softcap: float = 0.0) -> tuple[Array, Array, Array]:
+                              softcap: float = 0.0, sinks: ArrayLike | None = None,
+                              alibi_slopes: ArrayLike | None = None) -> Grads:
     """Gradients of :func:`cpuattn.attention_varlen` with respect to q, k and v.
 
     Args:
@@ -81,15 +111,19 @@ def attention_varlen_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: Ar
         lse: ``(num_heads, total_q)`` float32 (float64 for float64 input), as
             returned by ``attention_varlen(..., return_lse=True)``.
         cu_seqlens_q, cu_seqlens_k: integer ``(batch + 1,)`` as in the forward.
-        causal, scale, window, softcap: the options of the forward call.
+        causal, scale, window, softcap, sinks, alibi_slopes: the options of
+            the forward call.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like q, k, v in their dtype. Otherwise as
-        :func:`attention_backward` (per-sequence masks, bottom-right causal).
+        ``(dq, dk, dv)`` shaped like q, k, v in their dtype (and ``dsinks``
+        with ``sinks``). Otherwise as :func:`attention_backward`
+        (per-sequence masks, bottom-right causal).
     """
-    call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap)
+    call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap,
+                         sinks, alibi_slopes)
     out, dout, lse = V.forward_results(call, out, dout, lse)
-    return tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse))
+    return _grads(call, out, dout, lse,
+                  tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse)))
 
 
 def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
@@ -97,7 +131,8 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
                              out: ArrayLike, lse: ArrayLike, *,
                              cu_seqlens_q: ArrayLike | None = None, causal: bool = True,
                              scale: float | None = None, window: Window = (-1, -1),
-                             softcap: float = 0.0) -> tuple[Array, Array, Array]:
+                             softcap: float = 0.0, sinks: ArrayLike | None = None,
+                             alibi_slopes: ArrayLike | None = None) -> Grads:
     """Gradients of :func:`cpuattn.paged_attention` with respect to q and the pages.
 
     Args:
@@ -114,14 +149,14 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
         seq_lens: int32 ``(batch,)``, KV length of each sequence.
         lse: ``(num_heads, total_q)`` float32 (float64 for float64 q), as
             returned by the forward with ``return_lse=True``.
-        cu_seqlens_q, causal, scale, window, softcap: as the forward call
-            (``causal`` defaults to True).
+        cu_seqlens_q, causal, scale, window, softcap, sinks, alibi_slopes:
+            as the forward call (``causal`` defaults to True).
 
     Returns:
         ``(dq, dk_pages, dv_pages)``: dq like q in q's dtype; dk/dv_pages with
         the pool's shape and dtype. A page shared by several sequences
         receives the sum of their gradients; pages (and slots) no sequence
-        uses are 0.
+        uses are 0. With ``sinks``, a fourth gradient ``dsinks``.
 
     Each sequence's page chain is gathered into a packed buffer (converted to
     the compute dtype), the packed backward runs on it, and its dK/dV are
@@ -129,7 +164,7 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
     Raises ShapeError / DTypeError / PageError on bad input.
     """
     call = V.paged_call(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, causal, scale,
-                        window, softcap)
+                        window, softcap, sinks, alibi_slopes)
     out, dout, lse = V.forward_results(call, out, dout, lse)
     q, k_pages, v_pages, bt, lens = call.q, call.k, call.v, call.block_table, call.seqs.k_len
     batch, page_size = lens.shape[0], k_pages.shape[1]
@@ -151,5 +186,6 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
     dv_pages = np.zeros(v_pages.shape, ct)
     np.add.at(dk_pages, (page, slot), dk)
     np.add.at(dv_pages, (page, slot), dv_)
-    return (dq.astype(q.dtype, copy=False), dk_pages.astype(k_pages.dtype, copy=False),
-            dv_pages.astype(v_pages.dtype, copy=False))
+    return _grads(call, out, dout, lse,
+                  (dq.astype(q.dtype, copy=False), dk_pages.astype(k_pages.dtype, copy=False),
+                   dv_pages.astype(v_pages.dtype, copy=False)))

@@ -11,20 +11,24 @@ from ._typing import Array, ArrayLike, FloatArray, Window
 @overload
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
               scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ...,
               return_lse: Literal[False] = ..., out: Array | None = ...) -> Array: ...
 @overload
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
               scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ...,
               return_lse: Literal[True], out: Array | None = ...) -> tuple[Array, FloatArray]: ...
 @overload
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = ...,
               scale: float | None = ..., window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ...,
               return_lse: bool = ..., out: Array | None = ...
               ) -> Array | tuple[Array, FloatArray]: ...
 
 
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
               scale: float | None = None, window: Window = (-1, -1), softcap: float = 0.0,
+              sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None,
               return_lse: bool = False, out: Array | None = None
               ) -> Array | tuple[Array, FloatArray]:
     """Flash attention over a dense batch.
@@ -41,6 +45,14 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
         window: ``(left, right)``, -1 = unbounded: query at position p sees
             keys ``p - left <= j <= p + right``.
         softcap: if > 0, scores become ``softcap * tanh(score / softcap)``.
+        sinks: optional float ``(num_heads,)``: a logit per query head that
+            joins the softmax denominator and carries no value (gpt-oss):
+            ``lse = log(exp(sink) + sum_j exp(s_j))``, ``out = sum_j
+            exp(s_j - lse) v_j``; not scaled or capped. A row that sees no
+            key gives 0 with lse = sink.
+        alibi_slopes: optional float ``(num_heads,)``: the score of the query
+            at position p and key j becomes ``softcap(scale * q.k) - slope *
+            |p - j|`` (flash-attn's convention).
         return_lse: also return the natural-log sum-exp of the scores,
             ``(batch, num_heads, seq_q)`` float32 (float64 for float64 input).
         out: optional output array to write in place (same shape and dtype as
@@ -48,12 +60,13 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
 
     Returns:
         ``out`` ``(batch, seq_q, num_heads, head_dim_v)`` in q's dtype, or
-        ``(out, lse)``. Rows that see no key are exactly 0 with lse ``-inf``.
+        ``(out, lse)``. Rows that see no key are exactly 0 with lse ``-inf``
+        (their sink with ``sinks``).
 
     Memory beyond inputs and outputs is O(threads x tile); compute is fp32
     (fp64 for float64 input). Raises ShapeError / DTypeError on bad input.
     """
-    call = V.dense_call(q, k, v, causal, scale, window, softcap)
+    call = V.dense_call(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes)
     out, lse = V.outputs(call, out, return_lse)
     if out.size or (lse is not None and lse.size):
         _forward.forward(call, out, lse)
@@ -63,21 +76,25 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
 @overload
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
                      cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
-                     window: Window = ..., softcap: float = ..., return_lse: Literal[False] = ...,
+                     window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ..., return_lse: Literal[False] = ...,
                      out: Array | None = ...) -> Array: ...
 @overload
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
                      cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
-                     window: Window = ..., softcap: float = ..., return_lse: Literal[True],
+                     window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ..., return_lse: Literal[True],
                      out: Array | None = ...) -> tuple[Array, FloatArray]: ...
 @overload
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
                      cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
-                     window: Window = ..., softcap: float = ..., return_lse: bool = ...,
+                     window: Window = ..., softcap: float = ...,
+              sinks: ArrayLike | None = ..., alibi_slopes: ArrayLike | None = ..., return_lse: bool = ...,
                      out: Array | None = ...) -> Array | tuple[Array, FloatArray]: ...
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
                      cu_seqlens_k: ArrayLike, *, causal: bool = False,
                      scale: float | None = None, window: Window = (-1, -1), softcap: float = 0.0,
+                     sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None,
                      return_lse: bool = False, out: Array | None = None
                      ) -> Array | tuple[Array, FloatArray]:
     """Flash attention over a packed batch of variable-length sequences.
@@ -88,14 +105,15 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
         cu_seqlens_q, cu_seqlens_k: integer ``(batch + 1,)``, starting at 0,
             non-decreasing, ending at total_q / total_k. Sequence b is rows
             ``cu[b]:cu[b+1]``; masks apply per sequence (bottom-right causal).
-        Other options as :func:`attention`.
+        Other options (``sinks``, ``alibi_slopes`` included) as :func:`attention`.
 
     Returns:
         ``out`` ``(total_q, num_heads, head_dim_v)``, or ``(out, lse)`` with lse
         ``(num_heads, total_q)``. Empty sequences give no rows; a sequence with
         queries but no keys gives zero rows and lse ``-inf``.
     """
-    call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap)
+    call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap,
+                         sinks, alibi_slopes)
     out, lse = V.outputs(call, out, return_lse)
     if call.q.shape[0]:
         _forward.forward(call, out, lse)

@@ -25,28 +25,32 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
                     causal: bool = ..., scale: float | None = ..., window: Window = ...,
                     softcap: float = ..., return_lse: Literal[False] = ...,
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
-                    v_scale: ArrayLike | float | None = ...) -> Array: ...
+                    v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
+                    alibi_slopes: ArrayLike | None = ...) -> Array: ...
 @overload
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
                     seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
                     causal: bool = ..., scale: float | None = ..., window: Window = ...,
                     softcap: float = ..., return_lse: Literal[True],
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
-                    v_scale: ArrayLike | float | None = ...) -> tuple[Array, FloatArray]: ...
+                    v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
+                    alibi_slopes: ArrayLike | None = ...) -> tuple[Array, FloatArray]: ...
 @overload
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
                     seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
                     causal: bool = ..., scale: float | None = ..., window: Window = ...,
                     softcap: float = ..., return_lse: bool = ...,
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
-                    v_scale: ArrayLike | float | None = ...) -> Array | tuple[Array, FloatArray]: ...
+                    v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
+                    alibi_slopes: ArrayLike | None = ...) -> Array | tuple[Array, FloatArray]: ...
 
 
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
                     seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = None,
                     causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
                     softcap: float = 0.0, return_lse: bool = False, out: Array | None = None,
-                    k_scale: ArrayLike | float | None = None, v_scale: ArrayLike | float | None = None
+                    k_scale: ArrayLike | float | None = None, v_scale: ArrayLike | float | None = None,
+                    sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None
                     ) -> Array | tuple[Array, FloatArray]:
     """Attention over a paged KV cache: decode, chunked prefill, mixed batches.
 
@@ -68,8 +72,8 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
         seq_lens: int32 ``(batch,)``: KV length of each sequence, the query
             tokens' own K/V included (write them to the cache first).
         cu_seqlens_q: optional int32 ``(batch + 1,)``.
-        causal, scale, window, softcap: as :func:`cpuattn.attention`
-            (``causal`` defaults to True here).
+        causal, scale, window, softcap, sinks, alibi_slopes: as
+            :func:`cpuattn.attention` (``causal`` defaults to True here).
         return_lse: also return lse ``(num_heads, total_q)`` float32.
         out: optional output array ``(total_q, num_heads, head_dim)`` in q's dtype.
         k_scale, v_scale: the scales of low-bit pages (see
@@ -96,8 +100,8 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
     plan = PagedPlan(block_table, seq_lens, page_size=k_pages.shape[1],
                      num_pages=k_pages.shape[0], cu_seqlens_q=cu_seqlens_q)
     return plan.run(q, k_pages, v_pages, causal=causal, scale=scale, window=window,
-                    softcap=softcap, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse,
-                    out=out)
+                    softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, k_scale=k_scale,
+                    v_scale=v_scale, return_lse=return_lse, out=out)
 
 
 def gather_pages(pages: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike, *,

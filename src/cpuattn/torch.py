@@ -46,31 +46,53 @@ def _to_torch(a: Array) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def _head_vector(x: torch.Tensor | None, name: str) -> Array | None:
+    """sinks / alibi_slopes as float64 numpy (any float tensor or array)."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ShapeError(f"{name}: expected a CPU tensor, got one on {x.device}")
+        x = x.detach()
+        if not x.dtype.is_floating_point:
+            raise DTypeError(f"{name}: expected a float tensor, got {x.dtype}")
+        return x.to(torch.float64).numpy()
+    return np.asarray(x)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window, softcap):
-        opts = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    def forward(ctx, q, k, v, sinks, causal, scale, window, softcap, alibi_slopes):
+        opts = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                    sinks=_head_vector(sinks, "sinks"),
+                    alibi_slopes=_head_vector(alibi_slopes, "alibi_slopes"))
         arrays = [_to_numpy(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"))]
         out, lse = _dense.attention(*arrays, return_lse=True, **opts)
         out_t = _to_torch(out)
         ctx.save_for_backward(q, k, v, out_t)
         ctx.lse = lse
         ctx.opts = opts
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
         return out_t
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
-        dq, dk, dv = _backward.attention_backward(
+        grads = _backward.attention_backward(
             _to_numpy(dout, "dout"), _to_numpy(q, "q"), _to_numpy(k, "k"), _to_numpy(v, "v"),
             _to_numpy(out, "out"), ctx.lse, **ctx.opts)
-        return _to_torch(dq), _to_torch(dk), _to_torch(dv), None, None, None, None
+        dsinks = None
+        if ctx.sinks_dtype is not None:
+            dsinks = torch.from_numpy(grads[3]).to(ctx.sinks_dtype)
+        return (_to_torch(grads[0]), _to_torch(grads[1]), _to_torch(grads[2]), dsinks,
+                None, None, None, None, None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, window: Window = (-1, -1),
-              softcap: float = 0.0) -> torch.Tensor:
+              softcap: float = 0.0, sinks: torch.Tensor | None = None,
+              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`cpuattn.attention` on torch CPU tensors, differentiable.
 
     Args:
@@ -83,6 +105,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             the ``ml_dtypes`` package).
         causal, scale, window, softcap: as :func:`cpuattn.attention`
             (bottom-right aligned causal mask).
+        sinks: optional float tensor ``(num_heads,)``: per-head sink logits,
+            differentiable (their gradient comes back in the sinks' dtype).
+        alibi_slopes: optional float ``(num_heads,)`` ALiBi slopes (no gradient).
 
     Returns:
         ``(batch, seq_q, num_heads, head_dim_v)`` tensor in q's dtype. When an
@@ -91,7 +116,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Raises ShapeError (e.g. a non-CPU tensor) / DTypeError as the numpy API.
     """
-    return _Attention.apply(q, k, v, causal, scale, window, softcap)
+    return _Attention.apply(q, k, v, sinks, causal, scale, window, softcap, alibi_slopes)
 
 
 __all__ = ["attention"]

@@ -20,7 +20,8 @@ static inline int64_t cpa_bwd_block_tokens(int64_t g) { return g >= CPA_BWD_MROW
 static inline int64_t cpa_bwd_mcap(int64_t g) { return cpa_roundup(g * cpa_bwd_block_tokens(g), CPA_BWD_LPAD) + 8; }
 
 typedef struct {
-    size_t ta, tb, acc1, acc2, p, ds, lse, di, lo, hi, qrow, dorow, krow, vrow, zero, fix, total;
+    size_t ta, tb, acc1, acc2, p, ds, lse, di, apos, aslope, lo, hi, qrow, dorow, krow, vrow, zero,
+        fix, total;
 } cpa_bwd_layout;
 
 /* One layout serves both passes (shared buffers: kv pass | q pass). */
@@ -38,6 +39,8 @@ static void cpa_bwd_layout_of(const cpa_bwd_args *a, cpa_bwd_layout *L)
     L->ds = cpa_take(&at, (size_t)(mc * BKP) * ts);   /* dS, same */
     L->lse = cpa_take(&at, (size_t)mc * ts);
     L->di = cpa_take(&at, (size_t)mc * ts);
+    L->apos = cpa_take(&at, (size_t)mc * ts);     /* ALiBi: each row's position and slope */
+    L->aslope = cpa_take(&at, (size_t)mc * ts);
     L->lo = cpa_take(&at, (size_t)mc * 8);
     L->hi = cpa_take(&at, (size_t)mc * 8);
     L->qrow = cpa_take(&at, (size_t)mc * ps);

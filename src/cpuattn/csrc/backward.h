@@ -29,6 +29,7 @@ typedef struct {
     int32_t num_heads, num_kv_heads, head_dim_qk, head_dim_v;
     int32_t f64;                    /* 0: float32 compute and storage, 1: float64 */
     double scale, softcap;          /* softcap 0 = off */
+    const double *alibi;            /* ALiBi slope per query head (forward.h), or NULL */
     cpa_mask mask;
     int64_t num_seqs;
     const int64_t *q_start, *k_start, *q_len, *k_len;

@@ -14,7 +14,7 @@
 #include "simd_t.h"
 
 typedef struct {
-    T *ta, *tb, *acc1, *acc2, *p, *ds, *lse, *di, *zero;
+    T *ta, *tb, *acc1, *acc2, *p, *ds, *lse, *di, *apos, *aslope, *zero;
     TN(ielem) *lo, *hi;
     int64_t *fix;
     const T **qrow, **dorow, **krow, **kuse, **vrow;
@@ -32,6 +32,8 @@ static void TN(bws_init)(const cpa_bwd_args *a, char *scratch, TN(bws) *w)
     w->ds = (T *)(scratch + L.ds);
     w->lse = (T *)(scratch + L.lse);
     w->di = (T *)(scratch + L.di);
+    w->apos = (T *)(scratch + L.apos);
+    w->aslope = (T *)(scratch + L.aslope);
     w->zero = (T *)(scratch + L.zero);
     w->lo = (TN(ielem) *)(scratch + L.lo);
     w->hi = (TN(ielem) *)(scratch + L.hi);
@@ -79,6 +81,7 @@ static int64_t TN(load_rows)(const cpa_bwd_args *a, int64_t b, int64_t kvh, int6
         if (r >= M) {
             w->qrow[r] = w->dorow[r] = w->zero;
             w->lse[r] = 0; w->di[r] = 0; w->lo[r] = 1; w->hi[r] = 0;
+            w->apos[r] = w->aslope[r] = 0;
             continue;
         }
         const int64_t t = t0 + r / g, h = kvh * g + r % g;
@@ -98,13 +101,17 @@ static int64_t TN(load_rows)(const cpa_bwd_args *a, int64_t b, int64_t kvh, int6
         }
         w->lo[r] = (TN(ielem))lo; w->hi[r] = (TN(ielem))hi;
         w->lse[r] = l;
+        w->apos[r] = (T)(t + Sk - nq);
+        w->aslope[r] = a->alibi ? (T)a->alibi[h] : 0;
     }
     return Mr;
 }
 
-/* P = exp(softcap(scale * s) - lse) and dS = P * (dP - Di), times the
- * softcap derivative 1 - tanh^2, on visible lanes; exactly 0 elsewhere. */
-static inline void TN(dscore)(V s, V dp, V lse, V di, VI vis, T scale, T cap, V *p, V *ds)
+/* P = exp(softcap(scale * s) + bias - lse) and dS = P * (dP - Di), times
+ * the softcap derivative 1 - tanh^2, on visible lanes; exactly 0 elsewhere.
+ * bias: the ALiBi term (a constant of the score: no derivative). */
+static inline void TN(dscore)(V s, V dp, V lse, V di, VI vis, T scale, T cap, V bias, V *p,
+                              V *ds)
 {
     const V zero = TN(vset1)(0);
     V x = s * scale, th = zero;
@@ -112,7 +119,7 @@ static inline void TN(dscore)(V s, V dp, V lse, V di, VI vis, T scale, T cap, V 
         th = TN(vtanh)(x / cap);
         x = cap * th;
     }
-    V pv = TN(vsel)(vis, TN(vexp)(x - lse), zero);
+    V pv = TN(vsel)(vis, TN(vexp)(x + bias - lse), zero);
     V d = pv * (dp - di);
     if (cap > 0)
         d = d * (1 - th * th);
@@ -128,7 +135,11 @@ static void TN(grad_scores_keys)(const cpa_bwd_args *a, int64_t j0, int64_t Mr, 
     const T scale = (T)a->scale, cap = (T)a->softcap;
     const V zero = TN(vset1)(0);
     VI iota;
-    for (int i = 0; i < VL; i++) iota[i] = (TN(ielem))i;
+    V fiota;
+    for (int i = 0; i < VL; i++) {
+        iota[i] = (TN(ielem))i;
+        fiota[i] = (T)i;
+    }
     for (int64_t r = 0; r < Mr; r++) {
         T *pr = w->p + r * CPA_BWD_BK, *dr = w->ds + r * CPA_BWD_BK;
         if (w->hi[r] < j0 || w->lo[r] > j0 + ncp - 1 || w->hi[r] < w->lo[r]) {
@@ -140,11 +151,16 @@ static void TN(grad_scores_keys)(const cpa_bwd_args *a, int64_t j0, int64_t Mr, 
         }
         const V lse = TN(vset1)(w->lse[r]), di = TN(vset1)(w->di[r]);
         const VI lo = TN(viset1)((TN(ielem))(w->lo[r] - j0)), hi = TN(viset1)((TN(ielem))(w->hi[r] - j0));
+        const V slope = TN(vset1)(w->aslope[r]);
         for (int64_t c = 0; c < ncp; c += VL) {
             VI jv = TN(viset1)((TN(ielem))c) + iota;
-            V p, ds;
+            V p, ds, bias = zero;
+            if (a->alibi) {   /* - slope * |p - j|, keys j0 + c + lane */
+                const V dist = TN(vset1)(w->apos[r] - (T)(j0 + c)) - fiota;
+                bias = zero - slope * TN(vmax)(dist, -dist);
+            }
             TN(dscore)(TN(vld)(pr + c), TN(vld)(dr + c), lse, di, (jv >= lo) & (jv <= hi),
-                       scale, cap, &p, &ds);
+                       scale, cap, bias, &p, &ds);
             TN(vst)(pr + c, p);
             TN(vst)(dr + c, ds);
         }
@@ -164,9 +180,13 @@ static void TN(grad_scores_rows)(const cpa_bwd_args *a, int64_t j0, int64_t n, i
             VI lo, hi;
             memcpy(&lo, w->lo + c, sizeof lo);
             memcpy(&hi, w->hi + c, sizeof hi);
-            V p, ds;
+            V p, ds, bias = TN(vset1)(0);
+            if (a->alibi) {   /* - slope * |p - j|, query lanes c.., key j0 + i */
+                const V dist = TN(vld)(w->apos + c) - TN(vset1)((T)(j0 + i));
+                bias = bias - TN(vld)(w->aslope + c) * TN(vmax)(dist, -dist);
+            }
             TN(dscore)(TN(vld)(pr + c), TN(vld)(dr + c), TN(vld)(w->lse + c), TN(vld)(w->di + c),
-                       (jv >= lo) & (jv <= hi), scale, cap, &p, &ds);
+                       (jv >= lo) & (jv <= hi), scale, cap, bias, &p, &ds);
             TN(vst)(pr + c, p);
             TN(vst)(dr + c, ds);
         }

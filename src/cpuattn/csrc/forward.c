@@ -95,7 +95,7 @@ static inline void cpa_prefetch_bytes(const void *p, int64_t bytes)
 
 typedef struct {
     size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, vsraw, ksraw, vfix,
-        pp, total;
+        pp, apos, aslope, total;
 } cpa_tiled_layout;
 
 typedef struct {
@@ -129,6 +129,8 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->ksraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->vfix = cpa_take(&at, CPA_BK * sizeof(void *));
     L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
+    L->apos = cpa_take(&at, (size_t)mp * tsize);     /* ALiBi: each lane's position, slope */
+    L->aslope = cpa_take(&at, (size_t)mp * tsize);
     L->total = at;
 }
 

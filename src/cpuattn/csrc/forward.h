@@ -31,6 +31,10 @@ typedef struct {
     int32_t q_dtype, k_dtype, v_dtype;   /* enum cpa_dtype (engine.h) */
     double scale, softcap;          /* softcap 0 = off */
     cpa_mask mask;
+    /* per query head, or NULL: a sink logit joining each row's softmax
+     * denominator with no value (gpt-oss), and an ALiBi slope: the score of
+     * query position p and key j gets - slope * |p - j| after the softcap */
+    const double *sinks, *alibi;
     int64_t num_seqs;
     const int64_t *q_start, *k_start, *q_len, *k_len;   /* per sequence */
     const int32_t *block_table;     /* NULL: dense */

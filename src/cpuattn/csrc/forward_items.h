@@ -66,6 +66,7 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     const void **vraw = (const void **)(scratch + L.vraw), **kraw = (const void **)(scratch + L.kraw);
     const void **vsraw = (const void **)(scratch + L.vsraw), **ksraw = (const void **)(scratch + L.ksraw);
     const T **vfix = (const T **)(scratch + L.vfix);
+    T *apos = (T *)(scratch + L.apos), *aslope = (T *)(scratch + L.aslope);
 #if CPA_HAS_DPBF16
     uint32_t *QP = (uint32_t *)QT;   /* ceil(Dk/2) rows of Mp bf16 pairs: fits in Q^T */
 #endif
@@ -88,8 +89,11 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             lo[r] = (TN(ielem))rl; hi[r] = (TN(ielem))rh;
             if (rl > ilo) ilo = rl;
             if (rh < ihi) ihi = rh;
+            apos[r] = (T)(t + Sk - nq);
+            aslope[r] = a->alibi ? (T)a->alibi[head] : 0;
         } else {
             lo[r] = 1; hi[r] = 0;
+            apos[r] = aslope[r] = 0;
         }
         m[r] = -INFINITY; l[r] = 0;
     }
@@ -141,6 +145,16 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             for (int64_t i = 0; i < n; i++)
                 for (int64_t c = 0; c < Mp; c += VL)
                     TN(vst)(ST + i * Mp + c, cap * TN(vtanh)(TN(vld)(ST + i * Mp + c) / cap));
+        /* ALiBi after the softcap: - slope * |p - j| */
+        if (a->alibi)
+            for (int64_t i = 0; i < n; i++) {
+                const V j = TN(vset1)((T)(j0 + i));
+                for (int64_t c = 0; c < Mp; c += VL) {
+                    const V dist = TN(vld)(apos + c) - j;
+                    TN(vst)(ST + i * Mp + c, TN(vld)(ST + i * Mp + c)
+                                                 - TN(vld)(aslope + c) * TN(vmax)(dist, -dist));
+                }
+            }
         if (!full)
             for (int64_t i = 0; i < n; i++) {
                 VI jv = TN(viset1)((TN(ielem))(j0 + i));
@@ -286,6 +300,14 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
         T *s = c.sc + rr * c.scs;
         if (cap > 0)
             for (int64_t i = 0; i < npad; i += VL) TN(vst)(s + i, cap * TN(vtanh)(TN(vld)(s + i) / cap));
+        if (a->alibi) {   /* - slope * |p - j|, p - j = (p - k0) - i */
+            const T slope = (T)a->alibi[(kvh0 + rr / M) * g + r % g];
+            const T pk = (T)(r / g + Sk - nq - k0);
+            for (int64_t i = 0; i < npad; i++) {
+                const T dist = pk - (T)i;
+                s[i] -= slope * (dist < 0 ? -dist : dist);
+            }
+        }
         /* keys [v0, v1) of the split are visible to row r */
         const int64_t v0 = cpa_min(cpa_max(lo[r] - k0, 0), n), v1 = cpa_max(cpa_min(hi[r] - k0 + 1, n), v0);
         for (int64_t i = 0; i < v0; i++) s[i] = -INFINITY;

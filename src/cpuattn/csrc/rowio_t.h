@@ -34,13 +34,30 @@ static void RN(load_q_row)(const cpa_fwd_args *a, int64_t off, T *dst, int64_t d
 
 /* Normalise one accumulated row (o[d * ostride], running max m, sum l) and
  * store it with its lse. A row that saw no key (l == 0) is exactly 0 with
- * lse -inf; a NaN sum propagates. */
+ * lse -inf (or its sink); a NaN sum propagates. A sink joins the sum here,
+ * once per row, after any split-KV merge: with m' = max(m, sink) the sum
+ * becomes l e^(m - m') + e^(sink - m') and the output o e^(m - m') / that. */
 static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t head,
                           const T *o, int64_t ostride, T m, T l)
 {
     const int64_t D = a->head_dim_v;
     const int64_t off = cpa_at(&a->out, b, a->q_start[b] + t, head);
     const int empty = (l == 0);
+    T div = l;    /* the output is o / div */
+    if (a->sinks) {
+        const T sink = (T)a->sinks[head];
+        if (empty) {
+            m = sink;
+            l = 1;
+        } else {
+            const T mm = sink > m ? sink : m;
+            const T keep = (T)exp((double)(m - mm));   /* e^(m - m') */
+            l = l * keep + (T)exp((double)(sink - mm));
+            if (sink != sink) l = sink;                 /* NaN propagates */
+            div = l / keep;                             /* keep 0: inf, the output 0 */
+            m = mm;
+        }
+    }
     /* one loop per output dtype, so that each loop vectorises */
 #define CPA_STORE(type, conv)                                                   \
     do {                                                                        \
@@ -48,7 +65,7 @@ static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t h
         if (empty)                                                              \
             for (int64_t d = 0; d < D; d++) dst[d] = conv((T)0);               \
         else                                                                    \
-            for (int64_t d = 0; d < D; d++) dst[d] = conv(o[d * ostride] / l); \
+            for (int64_t d = 0; d < D; d++) dst[d] = conv(o[d * ostride] / div); \
     } while (0)
 #define CPA_AS_F32(x) ((float)(x))
 #define CPA_AS_F64(x) ((double)(x))
@@ -66,7 +83,7 @@ static void RN(store_row)(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t h
 #undef CPA_AS_F16
 #undef CPA_AS_BF16
     if (a->lse.data) {
-        T lse = empty ? (T)-INFINITY : m + (T)log((double)l);
+        T lse = empty && !a->sinks ? (T)-INFINITY : m + (T)log((double)l);
         int64_t lo = cpa_at(&a->lse, b, a->q_start[b] + t, head);
         if (a->q_dtype == CPA_F64) ((double *)a->lse.data)[lo] = (double)lse;
         else ((float *)a->lse.data)[lo] = (float)lse;

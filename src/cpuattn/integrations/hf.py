@@ -157,8 +157,8 @@ _PACKING = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_len
 
 def _refuse_unhonoured(kwargs, attention_mask):
     """Raise CpuAttnError for a keyword with a value that this backend does
-    not honour (gpt-oss's ``s_aux`` sinks, T5's ``position_bias``, ...):
-    dropping one silently gives wrong logits."""
+    not honour (T5's ``position_bias``, sparse ``indices``, ...): dropping
+    one silently gives wrong logits."""
     for name, value in kwargs.items():
         if value is None or value is False or name in _NO_EFFECT:
             continue
@@ -200,12 +200,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     Raises ShapeError for a mask cpuattn cannot express, DTypeError for
     dtypes, and CpuAttnError for dropout or any keyword it does not honour
-    (attention sinks ``s_aux``/``sinks``, ``position_bias``, a paged
-    ``cache``, sparse ``indices``, ...): an unknown keyword with a value is
-    refused, never dropped.
+    (``position_bias``, a paged ``cache``, sparse ``indices``, ...): an
+    unknown keyword with a value is refused, never dropped. Attention sinks
+    (gpt-oss's ``s_aux``, or ``sinks``: one logit per query head) are
+    honoured.
     """
     if dropout:
         raise CpuAttnError(f"dropout: cpuattn has no attention dropout, got {dropout}")
+    # gpt-oss passes its per-head attention sinks as s_aux
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is None:
+        sinks = kwargs.pop("sinks", None)
     _refuse_unhonoured(kwargs, attention_mask)
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
@@ -213,6 +218,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     kn = _to_numpy(key, "key").transpose(0, 2, 1, 3)
     vn = _to_numpy(value, "value").transpose(0, 2, 1, 3)
     opts: dict[str, Any] = {"scale": scaling, "softcap": float(softcap or 0.0)}
+    if sinks is not None:
+        opts["sinks"] = sinks.detach().to(torch.float64).numpy() if isinstance(
+            sinks, torch.Tensor) else sinks
     left = None if sliding_window is None else int(sliding_window) - 1
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
