@@ -78,6 +78,15 @@ def assert_same_logits(models, ids, mask):
     torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
 
 
+def assert_same_generation(eager, ours, ids, mask, new_tokens):
+    """The same logits and the same greedy tokens, padded batch."""
+    assert_same_logits((eager, ours), ids, mask)
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
+                                   rtol=0, atol=0)
+
+
 def test_left_padded_batch_logits(models):
     assert_same_logits(models, *left_padded([11, 4, 8], 11))
 
@@ -180,12 +189,7 @@ def test_sliding_window_model():
     eager, ours = twin_models(transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4, pad_token_id=0))
-    ids, mask = left_padded([12, 7], 12, seed=7)
-    assert_same_logits((eager, ours), ids, mask)
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
-                                   rtol=0, atol=0)
+    assert_same_generation(eager, ours, *left_padded([12, 7], 12, seed=7), 8)
 
 
 def test_gpt_oss_sinks_honoured():
@@ -200,12 +204,7 @@ def test_gpt_oss_sinks_honoured():
     with torch.no_grad():
         for layer in list(eager.model.layers) + list(ours.model.layers):
             layer.self_attn.sinks.normal_(0, 2, generator=torch.Generator().manual_seed(3))
-    ids, mask = left_padded([12, 7], 12, seed=8)
-    assert_same_logits((eager, ours), ids, mask)
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
-                                   rtol=0, atol=0)
+    assert_same_generation(eager, ours, *left_padded([12, 7], 12, seed=8), 6)
 
 
 def test_sinks_keyword_equals_the_kernel():
