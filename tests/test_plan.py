@@ -157,7 +157,7 @@ def test_bad_input_names_the_argument(rng):
         PagedPlan(bt, sl, page_size=4, num_pages="7")
     with pytest.raises(DTypeError, match="block_table"):
         PagedPlan(bt.astype(np.float32), sl, page_size=4, num_pages=n)
-    with pytest.raises(NotImplementedError, match="tree_mask"):
+    with pytest.raises(ShapeError, match="tree_mask: needs cu_seqlens_q"):
         PagedPlan(bt, sl, page_size=4, num_pages=n, tree_mask=np.ones(2, bool))
     plan = PagedPlan(bt, sl, page_size=4, num_pages=n)
     q = randn(rng, (2, 4, 8))

@@ -198,6 +198,10 @@ CASES = [
     Case("decode_busy_core_torch_first", "decode", 1, 4, 1, 128, 131072, dtype="float32",
          busy=True, torch_first=True,
          note="decode_busy_core in a process that imported torch (its libgomp) first"),
+    Case("decode_b1_ctx4096_fp32", "decode", 1, 32, 8, 128, 4096, dtype="float32",
+         note="one sequence, context 4096: the base of the tree case"),
+    Case("decode_tree16_b1_ctx4096_fp32", "decode", 1, 32, 8, 128, 4096, dtype="float32",
+         call="tree", note="speculative verify: a random tree of 16 draft tokens"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
     Case("decode_tiny_plan_run", "decode", 1, 32, 8, 128, 16, dtype="float32", call="plan",
@@ -379,9 +383,9 @@ def _build_decode(c, rng, torch):
     # the same context as contiguous (B, ctx, Hkv, D) arrays
     k_dense = k_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
     v_dense = v_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
-    if f:
+    if f or c.call == "tree":
         impls["torch_sdpa"] = impls["torch_paged"] = Skip(
-            "n/a: SDPA has no sinks (compare with the case without)")
+            "n/a: SDPA has no sinks or tree masks (compare with the case without)")
     elif low:
         impls["torch_sdpa"] = impls["torch_paged"] = Skip(
             "n/a: torch has no low-bit KV cache (compare with the bf16 case)")
@@ -413,8 +417,8 @@ def _build_decode(c, rng, torch):
         impls["torch_sdpa"] = (run_contiguous, post)
         impls["torch_paged"] = (run_paged, post) if c.layers == 1 else Skip(
             "n/a: one layer only (see torch_sdpa)")
-    if c.layers > 1:
-        impls["reference"] = Skip("n/a: a step of layers; the one-layer case checks the result")
+    if c.layers > 1 or c.call == "tree":
+        impls["reference"] = Skip("n/a: the plain case of the shape checks the result")
     elif _ref_fits(b, h, 1, ctx, d):
         impls["reference"] = (
             lambda: cpuattn.reference_attention(q[:, None], k_dense, v_dense, causal=True, **f),
@@ -440,6 +444,21 @@ def _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens, scales):
         return (lambda: plan.run(q, k_pages, v_pages, out=out, return_lse=True, **scales),
                 lambda r: _f64(r[0]))
 
+    if c.call == "tree":   # 16 draft queries per sequence, a random tree over them
+        n = 16
+        rng = np.random.default_rng(1)
+        parent = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        tree = np.zeros((n, n), bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                tree[i, j], j = True, parent[j]
+        qt = np.repeat(q, n, axis=0)
+        cu = np.arange(b + 1, dtype=np.int32) * n
+        plan = cpuattn.PagedPlan(block_table, seq_lens, page_size=ps, num_pages=num_pages,
+                                 cu_seqlens_q=cu, tree_mask=np.tile(tree.reshape(-1), b))
+        return (lambda: plan.run(qt, k_pages, v_pages, **scales),
+                lambda o: _f64(o))
     if c.call == "step_plain":   # the same step without a plan: a call per layer
         def step_plain():
             for _ in range(c.layers):
@@ -900,6 +919,10 @@ def _plan_lines(run):
                                            f"{one['impls']['cpuattn']['median_s'] * 1e6:.1f} us")
             lines.append(f"{r['case']}: {med * 1e6:.1f} us per call (goal <= "
                          f"{PLAN_GOAL_US[call]:.0f} us on 2 cores){base}")
+        elif call == "tree" and one is not None:
+            t1 = one["impls"]["cpuattn"]["median_s"]
+            lines.append(f"{r['case']}: {med * 1e3:.2f} ms = {med / t1:.2f} x one decode step "
+                         f"of {one['case']} ({t1 * 1e3:.2f} ms; goal <= 1.5)")
         elif call == "step" and one is not None:
             n, t1 = r["params"]["layers"], one["impls"]["cpuattn"]["median_s"]
             plain = next((x for x in ok if x["params"] == dict(r["params"], call="step_plain")),

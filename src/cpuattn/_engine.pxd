@@ -66,6 +66,8 @@ cdef extern from "forward.h" nogil:
         const int64_t *q_start, *k_start, *q_len, *k_len
         const int32_t *block_table
         int64_t bt_stride, page_size
+        const unsigned char *tree
+        const int64_t *tree_start
     ctypedef struct cpa_fwd_item:
         int64_t seq, slot
         int32_t kvh, nkvh, qblock

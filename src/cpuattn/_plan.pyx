@@ -159,8 +159,12 @@ cdef class PagedPlan:
         cu_seqlens_q: optional int ``(batch + 1,)``: sequence b's
             ``cu[b+1] - cu[b]`` queries are its last positions (at most
             ``seq_lens[b]``). None: one decode query per sequence.
-        tree_mask: speculative-decoding tree masks; not supported yet
-            (raises NotImplementedError, never ignored).
+        tree_mask: optional bool array of ``sum_b n_b ** 2`` entries (needs
+            ``cu_seqlens_q``; runs need ``causal=True``): sequence b's block,
+            row-major ``n_b x n_b``, says which of its last n_b tokens (the
+            draft) each of its n_b queries sees; keys before the draft are
+            seen by all of them (the window still applies). The diagonal must
+            be True and the entries above it False (ShapeError).
 
     Index arrays of any integer dtype are accepted and converted after
     their range is checked. The plan keeps its own copies: changing the
@@ -180,6 +184,7 @@ cdef class PagedPlan:
     cdef readonly int64_t batch_size, num_queries, page_size, num_pages
     cdef cnp.ndarray _table      # int32 (batch, width), C-contiguous, private
     cdef cnp.ndarray _seqs       # int64 (3, batch): q_start, q_len, k_len
+    cdef object _tree, _tree_start   # uint8 masks, int64 block starts; or None
     cdef bint _decode
     cdef fwd_work _work
     cdef bint _planned
@@ -198,14 +203,17 @@ cdef class PagedPlan:
                  tree_mask=None):
         self.page_size = _count(page_size, "page_size", 1)
         self.num_pages = _count(num_pages, "num_pages", 0)
-        if tree_mask is not None:
-            raise NotImplementedError("tree_mask: speculative tree masks are not supported yet")
+        if tree_mask is not None and cu_seqlens_q is None:
+            raise ShapeError("tree_mask: needs cu_seqlens_q (each sequence's draft queries)")
         if not self._take_plain(block_table, seq_lens, cu_seqlens_q):
             bt, lens = V.block_table(block_table, seq_lens, self.num_pages, self.page_size)
             cu = V.paged_queries(cu_seqlens_q, lens)
             if not self._take_plain(bt, lens.astype(np.int32),
                                     None if cu_seqlens_q is None else cu.astype(np.int32)):
                 raise RuntimeError("cpuattn internal error: checked index arrays not plain")
+        if tree_mask is not None:
+            self._tree, self._tree_start = V.tree_masks(tree_mask, self._seqs[1])
+            self._tree.flags.writeable = False
 
     cdef bint _take_plain(self, bt, sl, cu) except -1:
         """Check and copy plain index arrays (int32, C-contiguous, in range);
@@ -315,6 +323,8 @@ cdef class PagedPlan:
                 q, k_pages, v_pages, k_scale, v_scale)
             self._check_planned(q, k_pages, v_pages)
             opts = V.check_options(scale, window, softcap, causal, dims[2])
+            if self._tree is not None and not opts.causal:
+                raise ShapeError("causal: a plan with a tree_mask needs causal=True, got False")
             if out is not None:
                 V.check_out(out, (self.num_queries, dims[0], dims[3]), q.dtype,
                             [("q", q, True), ("k_pages", k_pages, False),
@@ -377,6 +387,8 @@ cdef class PagedPlan:
             return None
         if not (_heads_ok(sinks, h) and _heads_ok(alibi, h)):
             return None
+        if self._tree is not None and not causal:
+            return None   # the general checks raise
         if checked:
             ks, vs = k_scale, v_scale
         else:
@@ -420,6 +432,9 @@ cdef class PagedPlan:
         a.num_seqs = self.batch_size
         a.q_start, a.q_len, a.k_len = s, s + self.batch_size, s + 2 * self.batch_size
         a.k_start = a.q_start                        # unread: paged
+        if self._tree is not None:
+            a.tree = <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>self._tree)
+            a.tree_start = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>self._tree_start)
         a.block_table = <const int32_t *>cnp.PyArray_DATA(self._table)
         a.bt_stride = cnp.PyArray_DIMS(self._table)[1]
         a.page_size = self.page_size

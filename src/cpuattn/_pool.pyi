@@ -58,21 +58,24 @@ class PagePool:
                   cu_seqlens_q: ArrayLike | None = None,
                   causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
                   softcap: float = 0.0, sinks: ArrayLike | None = None,
-                  alibi_slopes: ArrayLike | None = None, return_lse: Literal[False] = False,
+                  alibi_slopes: ArrayLike | None = None, tree_mask: ArrayLike | None = None,
+                  return_lse: Literal[False] = False,
                   out: NDArray[Any] | None = None) -> NDArray[Any]: ...
     @overload
     def attention(self, q: ArrayLike, seqs: _Seqs, *, layer: int = 0,
                   cu_seqlens_q: ArrayLike | None = None,
                   causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
                   softcap: float = 0.0, sinks: ArrayLike | None = None,
-                  alibi_slopes: ArrayLike | None = None, return_lse: Literal[True],
+                  alibi_slopes: ArrayLike | None = None, tree_mask: ArrayLike | None = None,
+                  return_lse: Literal[True],
                   out: NDArray[Any] | None = None) -> tuple[NDArray[Any], NDArray[np.floating[Any]]]: ...
     @overload
     def attention(self, q: ArrayLike, seqs: _Seqs, *, layer: int = 0,
                   cu_seqlens_q: ArrayLike | None = None,
                   causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
                   softcap: float = 0.0, sinks: ArrayLike | None = None,
-                  alibi_slopes: ArrayLike | None = None, return_lse: bool = False,
+                  alibi_slopes: ArrayLike | None = None, tree_mask: ArrayLike | None = None,
+                  return_lse: bool = False,
                   out: NDArray[Any] | None = None) -> NDArray[Any] | tuple[NDArray[Any], NDArray[np.floating[Any]]]: ...
     def plan(self, seqs: _Seqs, *, cu_seqlens_q: ArrayLike | None = None,
              tree_mask: ArrayLike | None = None) -> PoolPlan: ...

@@ -662,7 +662,7 @@ cdef class PagePool:
 
     def attention(self, q, seqs, *, layer=0, cu_seqlens_q=None, causal=True, scale=None,
                   window=(-1, -1), softcap=0.0, sinks=None, alibi_slopes=None,
-                  return_lse=False, out=None):
+                  tree_mask=None, return_lse=False, out=None):
         """Paged attention over the listed sequences, as
         ``cpuattn.paged_attention(q, k_pages, v_pages, *block_table(seqs), ...)``
         over layer ``layer``; the same as ``plan(seqs, ...).run(q, ...)``
@@ -679,7 +679,7 @@ cdef class PagePool:
                 queries' own tokens (append first).
             layer: int in ``[0, num_layers)``.
             cu_seqlens_q, causal, scale, window, softcap, sinks, alibi_slopes,
-                return_lse, out: as in ``cpuattn.paged_attention``.
+                tree_mask, return_lse, out: as in ``cpuattn.paged_attention``.
 
         Returns:
             ``out`` ``(rows, num_heads, head_dim)`` in q's dtype, or
@@ -693,7 +693,7 @@ cdef class PagePool:
             PageError: a sequence id is not an int, unknown or freed.
             ShapeError / DTypeError: as ``cpuattn.paged_attention``.
         """
-        with self.plan(seqs, cu_seqlens_q=cu_seqlens_q) as p:
+        with self.plan(seqs, cu_seqlens_q=cu_seqlens_q, tree_mask=tree_mask) as p:
             return p.run(q, layer=layer, causal=causal, scale=scale, window=window,
                          softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
                          return_lse=return_lse, out=out)

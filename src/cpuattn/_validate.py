@@ -281,6 +281,38 @@ def head_vector(x, name, num_heads):
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
+def tree_masks(tree_mask, q_len):
+    """Checked speculative tree masks of sequences with q_len[b] queries
+    each: (uint8 masks, int64 start of each sequence's block). tree_mask is
+    a bool array of sum(q_len ** 2) entries; block b, row-major q_len[b] x
+    q_len[b], must hold True on its diagonal and False above it (a query
+    sees itself, and no later draft token)."""
+    try:
+        arr = np.asarray(tree_mask)
+    except Exception:  # noqa: BLE001
+        raise ShapeError(f"tree_mask: expected a 1-D bool array, got "
+                         f"{type(tree_mask).__name__}") from None
+    if arr.dtype != np.bool_:
+        raise DTypeError(f"tree_mask: expected a bool array, got dtype {arr.dtype}")
+    sizes = q_len.astype(np.int64) ** 2
+    if arr.ndim != 1 or arr.shape[0] != int(sizes.sum()):
+        raise ShapeError(f"tree_mask: expected shape ({int(sizes.sum())},) (sum over sequences "
+                         f"of n_b ** 2, n_b from cu_seqlens_q), got {arr.shape}")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    for b, n in enumerate(q_len.tolist()):
+        block = arr[starts[b]:starts[b] + n * n].reshape(n, n)
+        if not block.diagonal().all():
+            i = int(np.argmin(block.diagonal()))
+            raise ShapeError(f"tree_mask: sequence {b}'s query {i} must see its own token "
+                             f"(M[{i}, {i}] True), got False")
+        upper = np.triu(block, 1)
+        if upper.any():
+            i, j = (int(x[0]) for x in np.nonzero(upper))
+            raise ShapeError(f"tree_mask: sequence {b}'s query {i} cannot see the later draft "
+                             f"token {j} (M[{i}, {j}] must be False)")
+    return np.ascontiguousarray(arr).view(np.uint8), starts
+
+
 def check_slots(slots, name="slots"):
     """Slot ids (page * page_size + offset): a 1-D integer array as
     contiguous int64; their range is checked against the storage later."""

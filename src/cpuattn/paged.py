@@ -26,7 +26,7 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
                     softcap: float = ..., return_lse: Literal[False] = ...,
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
                     v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
-                    alibi_slopes: ArrayLike | None = ...) -> Array: ...
+                    alibi_slopes: ArrayLike | None = ..., tree_mask: ArrayLike | None = ...) -> Array: ...
 @overload
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
                     seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
@@ -34,7 +34,7 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
                     softcap: float = ..., return_lse: Literal[True],
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
                     v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
-                    alibi_slopes: ArrayLike | None = ...) -> tuple[Array, FloatArray]: ...
+                    alibi_slopes: ArrayLike | None = ..., tree_mask: ArrayLike | None = ...) -> tuple[Array, FloatArray]: ...
 @overload
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
                     seq_lens: ArrayLike, *, cu_seqlens_q: ArrayLike | None = ...,
@@ -42,7 +42,7 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
                     softcap: float = ..., return_lse: bool = ...,
                     out: Array | None = ..., k_scale: ArrayLike | float | None = ...,
                     v_scale: ArrayLike | float | None = ..., sinks: ArrayLike | None = ...,
-                    alibi_slopes: ArrayLike | None = ...) -> Array | tuple[Array, FloatArray]: ...
+                    alibi_slopes: ArrayLike | None = ..., tree_mask: ArrayLike | None = ...) -> Array | tuple[Array, FloatArray]: ...
 
 
 def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_table: ArrayLike,
@@ -50,8 +50,8 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
                     causal: bool = True, scale: float | None = None, window: Window = (-1, -1),
                     softcap: float = 0.0, return_lse: bool = False, out: Array | None = None,
                     k_scale: ArrayLike | float | None = None, v_scale: ArrayLike | float | None = None,
-                    sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None
-                    ) -> Array | tuple[Array, FloatArray]:
+                    sinks: ArrayLike | None = None, alibi_slopes: ArrayLike | None = None,
+                    tree_mask: ArrayLike | None = None) -> Array | tuple[Array, FloatArray]:
     """Attention over a paged KV cache: decode, chunked prefill, mixed batches.
 
     Args:
@@ -74,6 +74,11 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
         cu_seqlens_q: optional int32 ``(batch + 1,)``.
         causal, scale, window, softcap, sinks, alibi_slopes: as
             :func:`cpuattn.attention` (``causal`` defaults to True here).
+        tree_mask: speculative-decoding verify (with ``cu_seqlens_q`` and
+            ``causal=True``): a bool array of ``sum_b n_b ** 2`` entries,
+            sequence b's row-major ``n_b x n_b`` block saying which of its
+            draft tokens (its last n_b) each of its queries sees; see
+            :class:`cpuattn.PagedPlan`.
         return_lse: also return lse ``(num_heads, total_q)`` float32.
         out: optional output array ``(total_q, num_heads, head_dim)`` in q's dtype.
         k_scale, v_scale: the scales of low-bit pages (see
@@ -98,7 +103,7 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
         V.check_ndim(k_pages, "k_pages", 4, "(num_pages, page_size, num_kv_heads, head_dim)")
     V.check_page_size(k_pages, "k_pages")
     plan = PagedPlan(block_table, seq_lens, page_size=k_pages.shape[1],
-                     num_pages=k_pages.shape[0], cu_seqlens_q=cu_seqlens_q)
+                     num_pages=k_pages.shape[0], cu_seqlens_q=cu_seqlens_q, tree_mask=tree_mask)
     return plan.run(q, k_pages, v_pages, causal=causal, scale=scale, window=window,
                     softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, k_scale=k_scale,
                     v_scale=v_scale, return_lse=return_lse, out=out)

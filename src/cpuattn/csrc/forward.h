@@ -39,7 +39,19 @@ typedef struct {
     const int64_t *q_start, *k_start, *q_len, *k_len;   /* per sequence */
     const int32_t *block_table;     /* NULL: dense */
     int64_t bt_stride, page_size;
+    /* speculative-decoding tree masks, or NULL: query t of sequence b (of
+     * n = q_len[b]) sees draft key i (the i-th of its last n keys) iff
+     * tree[tree_start[b] + t * n + i]; keys before the draft as the mask says */
+    const uint8_t *tree;
+    const int64_t *tree_start;
 } cpa_fwd_args;
+
+/* Whether the tree mask hides key j from query t of sequence b. */
+static inline int cpa_tree_hides(const cpa_fwd_args *a, int64_t b, int64_t t, int64_t j)
+{
+    const int64_t n = a->q_len[b], d0 = a->k_len[b] - n;
+    return a->tree && j >= d0 && !a->tree[a->tree_start[b] + t * n + (j - d0)];
+}
 
 typedef struct {
     int64_t seq, slot;              /* slot: partial-result slot, -1 = write the output */

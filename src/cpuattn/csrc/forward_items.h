@@ -97,6 +97,8 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         }
         m[r] = -INFINITY; l[r] = 0;
     }
+    if (a->tree)   /* draft keys are seen per the tree: none by every row */
+        ihi = cpa_min(ihi, Sk - nq - 1);
     memset(OT, 0, (size_t)(Dv * Mp) * sizeof(T));
     /* scratch is malloc'ed: the zero row must be written, it stands in for
      * padded keys and for hidden non-finite value rows in the products */
@@ -166,6 +168,11 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                 }
             }
 
+        if (a->tree && jhi >= Sk - nq)
+            for (int64_t i = cpa_max(0, Sk - nq - j0); i < n; i++)
+                for (int64_t r = 0; r < M; r++)
+                    if (cpa_tree_hides(a, b, t0 + r / g, j0 + i)) ST[i * Mp + r] = -INFINITY;
+
         /* online softmax along the query lanes */
         int rescale = 0;
         for (int64_t c = 0; c < Mp; c += VL) {
@@ -228,7 +235,7 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         for (int64_t f = 0; f < nfix; f++) {
             const int64_t i = fix[f], j = j0 + i;
             for (int64_t r = 0; r < M; r++)
-                if (j >= lo[r] && j <= hi[r])
+                if (j >= lo[r] && j <= hi[r] && !cpa_tree_hides(a, b, t0 + r / g, j))
                     for (int64_t d = 0; d < Dv; d++)
 #if CPA_HAS_DPBF16
                         OT[d * Mp + r] += ST[i * Mp + r] * cpa_bf16_to_f32(((const uint16_t *)vraw[i])[d]);
@@ -283,6 +290,8 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
         if (lo[r] > ilo) ilo = lo[r];
         if (hi[r] < ihi) ihi = hi[r];
     }
+    if (a->tree)   /* draft keys are seen per the tree: none by every row */
+        ihi = cpa_min(ihi, Sk - nq - 1);
     c.s0 = cpa_min(cpa_max(ilo - k0, 0), n);
     c.s1 = cpa_max(cpa_min(ihi - k0 + 1, n), c.s0);
     for (int64_t hh = 0; hh < nh; hh++)
@@ -294,6 +303,8 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
 
     /* softmax of each row over the split: softcap, mask, max, exp, sum */
     const int64_t npad = cpa_roundup(n, VL);
+    V iota;
+    for (int k = 0; k < VL; k++) iota[k] = (T)k;
     const T cap = (T)a->softcap;
     for (int64_t rr = 0; rr < R; rr++) {
         const int64_t r = rr % M;
@@ -301,17 +312,18 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
         if (cap > 0)
             for (int64_t i = 0; i < npad; i += VL) TN(vst)(s + i, cap * TN(vtanh)(TN(vld)(s + i) / cap));
         if (a->alibi) {   /* - slope * |p - j|, p - j = (p - k0) - i */
-            const T slope = (T)a->alibi[(kvh0 + rr / M) * g + r % g];
-            const T pk = (T)(r / g + Sk - nq - k0);
-            for (int64_t i = 0; i < npad; i++) {
-                const T dist = pk - (T)i;
-                s[i] -= slope * (dist < 0 ? -dist : dist);
-            }
+            const V slope = TN(vset1)((T)a->alibi[(kvh0 + rr / M) * g + r % g]);
+            V dist = TN(vset1)((T)(r / g + Sk - nq - k0)) - iota;
+            for (int64_t i = 0; i < npad; i += VL, dist -= (T)VL)
+                TN(vst)(s + i, TN(vld)(s + i) - slope * TN(vmax)(dist, -dist));
         }
         /* keys [v0, v1) of the split are visible to row r */
         const int64_t v0 = cpa_min(cpa_max(lo[r] - k0, 0), n), v1 = cpa_max(cpa_min(hi[r] - k0 + 1, n), v0);
         for (int64_t i = 0; i < v0; i++) s[i] = -INFINITY;
         for (int64_t i = v1; i < npad; i++) s[i] = -INFINITY;
+        if (a->tree)
+            for (int64_t i = cpa_max(v0, Sk - nq - k0); i < v1; i++)
+                if (cpa_tree_hides(a, b, r / g, k0 + i)) s[i] = -INFINITY;
         V mx = TN(vset1)(-INFINITY);
         for (int64_t i = 0; i < npad; i += VL) mx = TN(vmax)(mx, TN(vld)(s + i));
         T mr = -INFINITY;
