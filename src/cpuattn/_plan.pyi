@@ -1,5 +1,5 @@
 # Stub of _plan.pyx (PagedPlan); tests/test_stubs.py keeps it in step.
-from typing import Any, Literal, overload
+from typing import Any, Final, Literal, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -14,20 +14,13 @@ class PagedPlan:
     def __init__(self, block_table: ArrayLike, seq_lens: ArrayLike, *, page_size: int,
                  num_pages: int, cu_seqlens_q: ArrayLike | None = None,
                  tree_mask: ArrayLike | None = None) -> None: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def num_queries(self) -> int: ...
-    @property
-    def page_size(self) -> int: ...
-    @property
-    def num_pages(self) -> int: ...
-    @property
-    def block_table(self) -> NDArray[np.int32]: ...
-    @property
-    def seq_lens(self) -> NDArray[np.int32]: ...
-    @property
-    def cu_seqlens_q(self) -> NDArray[np.int32] | None: ...
+    batch_size: Final[int]
+    num_queries: Final[int]
+    page_size: Final[int]
+    num_pages: Final[int]
+    block_table: Final[NDArray[np.int32]]
+    seq_lens: Final[NDArray[np.int32]]
+    cu_seqlens_q: Final[NDArray[np.int32] | None]
     @overload
     def run(self, q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, *, causal: bool = True,
             scale: float | None = None, window: Window = (-1, -1), softcap: float = 0.0,
@@ -68,7 +61,5 @@ class PoolPlan(PagedPlan):
     def close(self) -> None: ...
     def __enter__(self) -> PoolPlan: ...
     def __exit__(self, *exc: object) -> Literal[False]: ...
-    @property
-    def closed(self) -> bool: ...
-    @property
-    def pool(self) -> Any: ...
+    closed: Final[bool]
+    pool: Final[Any]
