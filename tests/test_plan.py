@@ -437,3 +437,36 @@ def test_plan_of_a_freed_sequence_keeps_its_pages(rng):
     del plan
     gc.collect()
     assert pool.num_free_pages == 2
+
+
+# ---- the dense fast path (cpuattn.attention, checked in C for plain inputs) ----
+
+def test_dense_plain_and_general_inputs_give_the_same_bytes(rng):
+    q, k, v = randn(rng, (2, 9, 8, 32)), randn(rng, (2, 40, 2, 32)), randn(rng, (2, 40, 2, 32))
+    sinks = randn(rng, (8,))
+    want = cpuattn.attention(q, k, v, causal=True, window=(20, 0), sinks=sinks, return_lse=True)
+    # numpy scalars, sinks as a list, a strided out, Fortran-ordered k
+    out = np.zeros((2, 18, 8, 32), np.float32)[:, ::2]
+    got = cpuattn.attention(q, np.asfortranarray(k), v, causal=np.bool_(True),
+                            window=(np.int32(20), 0), sinks=list(sinks.astype(np.float64)),
+                            return_lse=True, out=out)
+    assert got[0] is out
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    ref = cpuattn.reference_attention(q, k, v, causal=True, window=(20, 0), sinks=sinks)
+    np.testing.assert_allclose(want[0], ref, **tol(np.float32))
+
+
+def test_dense_plain_inputs_still_raise_the_documented_errors(rng):
+    q, k, v = randn(rng, (1, 4, 4, 8)), randn(rng, (1, 6, 2, 8)), randn(rng, (1, 6, 2, 8))
+    with pytest.raises(ShapeError, match="v: expected seq_k"):
+        cpuattn.attention(q, k, v[:, :5])
+    with pytest.raises(DTypeError, match="k"):
+        cpuattn.attention(q, k.astype(np.float64), v)
+    with pytest.raises(ShapeError, match="num_heads"):
+        cpuattn.attention(q[:, :, :3], k, v)
+    with pytest.raises(ShapeError, match="out: must not overlap k"):
+        cpuattn.attention(q, k, v, out=np.lib.stride_tricks.as_strided(k, (1, 4, 4, 8),
+                                                                       k.strides))
+    with pytest.raises(ShapeError, match="sinks"):
+        cpuattn.attention(q, k, v, sinks=np.zeros(3))

@@ -10,6 +10,10 @@ _Out = NDArray[Any]
 _Lse = NDArray[np.floating[Any]]
 _Scale = ArrayLike | float | None
 
+def dense_attention(q: object, k: object, v: object, causal: object, scale: object,
+                    window: object, softcap: object, sinks: object, alibi: object,
+                    return_lse: object, out: object) -> _Out | tuple[_Out, _Lse] | None: ...
+
 class PagedPlan:
     def __init__(self, block_table: ArrayLike, seq_lens: ArrayLike, *, page_size: int,
                  num_pages: int, cu_seqlens_q: ArrayLike | None = None,

@@ -361,11 +361,7 @@ cdef class PagedPlan:
         when any input is not plain (or not valid). checked: the general
         checks passed (scales as they return them; out checked)."""
         if not (type(q) is np.ndarray and type(k_pages) is np.ndarray
-                and type(v_pages) is np.ndarray and type(causal) is bool
-                and (scale is None or _real(scale)) and _real(softcap) and softcap >= 0
-                and type(window) is tuple and len(window) == 2
-                and type(window[0]) is int and type(window[1]) is int
-                and -1 <= window[0] <= INDEX_MAX and -1 <= window[1] <= INDEX_MAX
+                and type(v_pages) is np.ndarray and _options_ok(causal, scale, window, softcap)
                 and (out is None or type(out) is np.ndarray)):
             return None
         cdef cnp.ndarray qa = q, ka = k_pages, va = v_pages
@@ -385,7 +381,8 @@ cdef class PagedPlan:
                 or dv < 1 or hkv < 1 or h < 1 or h % hkv or h > INDEX_MAX or d > INDEX_MAX
                 or dv > INDEX_MAX):
             return None
-        if not (_heads_ok(sinks, h) and _heads_ok(alibi, h)):
+        sinks, alibi = _plain_heads(sinks, h), _plain_heads(alibi, h)
+        if sinks is _NOT_PLAIN or alibi is _NOT_PLAIN:
             return None
         if self._tree is not None and not causal:
             return None   # the general checks raise
@@ -403,12 +400,7 @@ cdef class PagedPlan:
             oa = out
             if not (cnp.PyArray_NDIM(oa) == 3 and cnp.PyArray_DIMS(oa)[0] == qd[0]
                     and cnp.PyArray_DIMS(oa)[1] == h and cnp.PyArray_DIMS(oa)[2] == dv
-                    and cnp.PyArray_TYPE(oa) == cnp.PyArray_TYPE(qa)
-                    and cnp.PyArray_ISWRITEABLE(oa) and _rows_ok(oa, 3)):
-                return None
-            if not checked and not ((_apart(oa, qa) or _same_view(oa, qa))
-                                    and _apart(oa, ka) and _apart(oa, va)
-                                    and _no_broadcast(oa)):
+                    and _out_ok(oa, qa, ka, va, checked)):
                 return None
         a.q = rows_of(qa, Q_AXES)
         a.out = rows_of(oa, Q_AXES)
@@ -455,12 +447,126 @@ cdef class PagedPlan:
         return 0
 
 
-cdef bint _heads_ok(object x, int64_t h):
-    """None, or float64 C-contiguous (h,): a plain sinks / alibi_slopes."""
-    return x is None or (type(x) is np.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>x) == 1
-                         and cnp.PyArray_DIMS(<cnp.ndarray>x)[0] == h
-                         and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT64
-                         and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x))
+_DENSE = _LAYOUTS["dense"]
+
+
+def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, return_lse, out):
+    """cpuattn.attention for plain inputs, checked here in C: the result, or
+    None when any input is not plain (the caller's general checks then
+    raise the documented error or run it). Plain: numpy arrays (B, S, H, D)
+    of one float dtype with a contiguous last axis and aligned strides,
+    builtin options, sinks / slopes float32 or float64 of length H, and an
+    out that certainly does not overlap k or v."""
+    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
+            and _options_ok(causal, scale, window, softcap)
+            and (out is None or type(out) is np.ndarray)):
+        return None
+    cdef cnp.ndarray qa = q, ka = k, va = v
+    if not (_rows_ok(qa, 4) and _rows_ok(ka, 4) and _rows_ok(va, 4)):
+        return None
+    cdef int qc = float_code(qa)
+    if qc < 0 or cnp.PyArray_TYPE(ka) != cnp.PyArray_TYPE(qa) \
+            or cnp.PyArray_TYPE(va) != cnp.PyArray_TYPE(qa):
+        return None
+    cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(qa)
+    cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(ka)
+    cdef cnp.npy_intp *vd = cnp.PyArray_DIMS(va)
+    cdef int64_t batch = qd[0], sq = qd[1], h = qd[2], d = qd[3], sk = kd[1], hkv = kd[2]
+    cdef int64_t dv = vd[3]
+    if (kd[0] != batch or vd[0] != batch or vd[1] != sk or vd[2] != hkv or kd[3] != d
+            or d < 1 or dv < 1 or hkv < 1 or h < 1 or h % hkv or sq > INDEX_MAX
+            or sk > INDEX_MAX or h > INDEX_MAX or d > INDEX_MAX or dv > INDEX_MAX):
+        return None
+    sinks, alibi = _plain_heads(sinks, h), _plain_heads(alibi, h)
+    if sinks is _NOT_PLAIN or alibi is _NOT_PLAIN:
+        return None
+    cdef cnp.ndarray oa
+    if out is None:
+        oa = np.empty((batch, sq, h, dv), dtype=qa.dtype)
+    else:
+        oa = out
+        if not (cnp.PyArray_NDIM(oa) == 4 and cnp.PyArray_DIMS(oa)[0] == batch
+                and cnp.PyArray_DIMS(oa)[1] == sq and cnp.PyArray_DIMS(oa)[2] == h
+                and cnp.PyArray_DIMS(oa)[3] == dv and _out_ok(oa, qa, ka, va, False)):
+            return None
+    lse = np.empty((batch, h, sq), np.float64 if qc == CPA_F64 else np.float32) \
+        if return_lse else None
+    cdef cnp.ndarray seqs = np.empty((4, batch), np.int64)
+    cdef int64_t *sp = <int64_t *>cnp.PyArray_DATA(seqs)
+    cdef int64_t i
+    for i in range(batch):
+        sp[i] = 0                  # q_start: each sequence's own batch row
+        sp[batch + i] = 0          # k_start
+        sp[2 * batch + i] = sq
+        sp[3 * batch + i] = sk
+    cdef cpa_fwd_args a
+    memset(&a, 0, sizeof(a))
+    q_axes, kv_axes, lse_axes = _DENSE
+    a.q = rows_of(qa, q_axes)
+    a.out = rows_of(oa, q_axes)
+    a.k = rows_of(ka, kv_axes)
+    a.v = rows_of(va, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
+    a.num_heads = <int32_t>h
+    a.num_kv_heads = <int32_t>hkv
+    a.head_dim_qk = <int32_t>d
+    a.head_dim_v = <int32_t>dv
+    a.q_dtype = a.k_dtype = a.v_dtype = qc
+    a.sinks = doubles(sinks)
+    a.alibi = doubles(alibi)
+    a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
+    a.softcap = <double>softcap
+    a.mask.causal = causal
+    a.mask.window_left = window[0]
+    a.mask.window_right = window[1]
+    a.num_seqs = batch
+    a.q_start, a.k_start, a.q_len, a.k_len = sp, sp + batch, sp + 2 * batch, sp + 3 * batch
+    cdef fwd_work w
+    memset(&w, 0, sizeof(w))
+    if sq and batch:
+        try:
+            plan_work(&a, &w)
+            run_work(&a, &w)
+        finally:
+            free_work(&w)
+    return (oa, lse) if return_lse else oa
+
+
+cdef object _plain_heads(object x, int64_t h):
+    """sinks / alibi_slopes in the kernels' form (float64 C-contiguous (h,))
+    from None or a float32 / float64 numpy vector of length h; _NOT_PLAIN
+    for anything else (the general checks decide)."""
+    if x is None:
+        return None
+    if not (type(x) is np.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>x) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>x)[0] == h):
+        return _NOT_PLAIN
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if t == cnp.NPY_FLOAT64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x):
+        return x
+    if t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT32:
+        return np.ascontiguousarray(x, dtype=np.float64)
+    return _NOT_PLAIN
+
+
+cdef bint _options_ok(causal, scale, window, softcap):
+    """Builtin, in-range options: the plain form of check_options' input."""
+    return (type(causal) is bool and (scale is None or _real(scale)) and _real(softcap)
+            and softcap >= 0 and type(window) is tuple and len(window) == 2
+            and type(window[0]) is int and type(window[1]) is int
+            and -1 <= window[0] <= INDEX_MAX and -1 <= window[1] <= INDEX_MAX)
+
+
+cdef bint _out_ok(cnp.ndarray oa, cnp.ndarray qa, cnp.ndarray ka, cnp.ndarray va, bint checked):
+    """An out array of the right shape (checked by the caller) that the
+    kernels can write: q's dtype, writable, plain rows, and (unless the
+    general check_out passed) certainly apart from k and v and either apart
+    from q or q itself, no broadcast axis."""
+    if not (cnp.PyArray_TYPE(oa) == cnp.PyArray_TYPE(qa) and cnp.PyArray_ISWRITEABLE(oa)
+            and _rows_ok(oa, cnp.PyArray_NDIM(oa))):
+        return False
+    return checked or ((_apart(oa, qa) or _same_view(oa, qa)) and _apart(oa, ka)
+                       and _apart(oa, va) and _no_broadcast(oa))
 
 
 cdef bint _no_broadcast(cnp.ndarray x) noexcept:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, overload
 
-from . import _forward
+from . import _forward, _plan
 from . import _validate as V
 from ._typing import Array, ArrayLike, FloatArray, Window
 
@@ -66,6 +66,10 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     Memory beyond inputs and outputs is O(threads x tile); compute is fp32
     (fp64 for float64 input). Raises ShapeError / DTypeError on bad input.
     """
+    res = _plan.dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes,
+                                return_lse, out)
+    if res is not None:   # plain inputs, checked in C (the same rules as below)
+        return res
     call = V.dense_call(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes)
     out, lse = V.outputs(call, out, return_lse)
     if out.size or (lse is not None and lse.size):
