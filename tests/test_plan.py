@@ -470,3 +470,27 @@ def test_dense_plain_inputs_still_raise_the_documented_errors(rng):
                                                                        k.strides))
     with pytest.raises(ShapeError, match="sinks"):
         cpuattn.attention(q, k, v, sinks=np.zeros(3))
+
+
+def test_one_plan_in_several_threads(rng):
+    # other head counts in other threads: the plan's work list is never freed under a run
+    import threading
+    kp, vp, bt, sl = make_pages(rng, [900, 40], 16, 4, 32)
+    plan = PagedPlan(bt, sl, page_size=16, num_pages=kp.shape[0])
+    qs = [randn(rng, (2, h, 32)) for h in (4, 8, 16)]
+    want = [cpuattn.paged_attention(q, kp, vp, bt, sl) for q in qs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                if plan.run(qs[i % 3], kp, vp).tobytes() != want[i % 3].tobytes():
+                    errors.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -3,7 +3,7 @@
 A serving loop calls paged attention once per layer per step with the same
 block table. A plan checks and copies the block table, the lengths and the
 query layout once and keeps the work list (csrc/forward.c cpa_fwd_plan) of
-the last head counts and mask it ran with; ``run`` then checks only what can
+the head counts and mask of its first run; ``run`` then checks only what can
 differ between layers: q, the pages, their scales, the options and out.
 
 ``run`` takes plain inputs (numpy arrays with contiguous last axes and
@@ -143,7 +143,8 @@ def _count(x, name, int64_t lo):
 
 cdef class PagedPlan:
     """The block table, lengths and query layout of one paged attention step,
-    checked and copied once, for every layer's :meth:`run`.
+    checked and copied once, for every layer's :meth:`run`. Several Python
+    threads may run one plan at once.
 
     ``PagedPlan(block_table, seq_lens, *, page_size, num_pages,
     cu_seqlens_q=None, tree_mask=None)``
@@ -169,8 +170,8 @@ cdef class PagedPlan:
     Index arrays of any integer dtype are accepted and converted after
     their range is checked. The plan keeps its own copies: changing the
     caller's arrays later changes nothing. It also keeps the work split of
-    the last head counts and mask it ran with (one plan serves every layer
-    of a step, so it is planned once).
+    its first run's head counts and mask (one plan serves every layer of a
+    step, so it is planned once; a run with others plans for itself).
 
     Attributes:
         batch_size, num_queries (rows of q: batch, or ``cu_seqlens_q[-1]``),
@@ -342,9 +343,13 @@ cdef class PagedPlan:
             lse = np.empty((a.num_heads, self.num_queries),
                            np.float64 if a.q_dtype == CPA_F64 else np.float32)
             a.lse = rows_of(lse, LSE_AXES)
-        self._ensure_work(&a)
-        if self.num_queries:
-            run_work(&a, &self._work)
+        cdef fwd_work other
+        memset(&other, 0, sizeof(other))
+        try:
+            if self.num_queries:
+                run_work(&a, self._work_for(&a, &other))
+        finally:
+            free_work(&other)
         return res if lse is None else (res, lse)
 
     def _check_planned(self, q, k_pages, v_pages):
@@ -432,19 +437,24 @@ cdef class PagedPlan:
         a.page_size = self.page_size
         return (oa, ks, vs, sinks, alibi)
 
-    cdef int _ensure_work(self, cpa_fwd_args *a) except -1:
-        """The work list of a's head counts and mask: the plan's, re-planned
-        only when those differ from the last run's."""
-        if not (self._planned and self._key_h == a.num_heads and self._key_hkv == a.num_kv_heads
-                and self._key_causal == a.mask.causal and self._key_left == a.mask.window_left
-                and self._key_right == a.mask.window_right):
-            self._planned = False
+    cdef fwd_work *_work_for(self, cpa_fwd_args *a, fwd_work *other) except NULL:
+        """The work list of a's head counts and mask: the plan's own, made at
+        its first run; a run with other head counts or another mask plans into
+        `other` (freed by the caller). The plan's list is never replaced, so
+        runs in several Python threads at once (the GIL is released while the
+        kernels run) never see it freed under them."""
+        if not self._planned:
             plan_work(a, &self._work)
             self._key_h, self._key_hkv = a.num_heads, a.num_kv_heads
             self._key_causal = a.mask.causal
             self._key_left, self._key_right = a.mask.window_left, a.mask.window_right
             self._planned = True
-        return 0
+        if (self._key_h == a.num_heads and self._key_hkv == a.num_kv_heads
+                and self._key_causal == a.mask.causal and self._key_left == a.mask.window_left
+                and self._key_right == a.mask.window_right):
+            return &self._work
+        plan_work(a, other)
+        return other
 
 
 _DENSE = _LAYOUTS["dense"]
