@@ -13,6 +13,9 @@ the general checks (``_validate``), which either raise the documented error
 or hand back the same inputs in plain form, so there is one set of rules
 and every call form (decode, ``cu_seqlens_q``, ``out=``, lse) costs the same
 few microseconds. ``cpuattn.paged_attention`` is a plan of one run.
+
+``dense_attention`` applies the same C checks (the helpers below: options,
+out, per-head vectors) to plain dense calls of ``cpuattn.attention``.
 """
 import weakref
 
