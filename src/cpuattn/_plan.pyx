@@ -36,9 +36,8 @@ from .errors import PageError, ShapeError
 cnp.import_array()
 
 cdef int64_t INDEX_MAX = 2**31 - 1   # positions fit int32 (as in _validate)
-cdef tuple Q_AXES = _LAYOUTS["paged"][0]
-cdef tuple KV_AXES = _LAYOUTS["paged"][1]
-cdef tuple LSE_AXES = _LAYOUTS["paged"][2]
+cdef tuple _PAGED = _LAYOUTS["paged"]
+cdef tuple _DENSE = _LAYOUTS["dense"]
 
 
 cdef bint _rows_ok(cnp.ndarray x, int ndim):
@@ -345,7 +344,7 @@ cdef class PagedPlan:
         if return_lse:
             lse = np.empty((a.num_heads, self.num_queries),
                            np.float64 if a.q_dtype == CPA_F64 else np.float32)
-            a.lse = rows_of(lse, LSE_AXES)
+            a.lse = rows_of(lse, _PAGED[2])
         cdef fwd_work other
         memset(&other, 0, sizeof(other))
         try:
@@ -410,24 +409,11 @@ cdef class PagedPlan:
                     and cnp.PyArray_DIMS(oa)[1] == h and cnp.PyArray_DIMS(oa)[2] == dv
                     and _out_ok(oa, qa, ka, va, checked)):
                 return None
-        a.q = rows_of(qa, Q_AXES)
-        a.out = rows_of(oa, Q_AXES)
-        a.k = rows_of(ka, KV_AXES)
-        a.v = rows_of(va, KV_AXES)
-        a.num_heads = <int32_t>h
-        a.num_kv_heads = <int32_t>hkv
-        a.head_dim_qk = <int32_t>d
-        a.head_dim_v = <int32_t>dv
+        _set_rows(a, _PAGED, qa, oa, ka, va, None, h, hkv, d, dv, sinks, alibi, scale,
+                  softcap, causal, window)
         a.q_dtype, a.k_dtype, a.v_dtype = qc, kc, vc
         a.k_scale = scale_rows(ks)
         a.v_scale = scale_rows(vs)
-        a.sinks = doubles(sinks)
-        a.alibi = doubles(alibi)
-        a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
-        a.softcap = <double>softcap
-        a.mask.causal = causal
-        a.mask.window_left = window[0]
-        a.mask.window_right = window[1]
         cdef int64_t *s = <int64_t *>cnp.PyArray_DATA(self._seqs)
         a.num_seqs = self.batch_size
         a.q_start, a.q_len, a.k_len = s, s + self.batch_size, s + 2 * self.batch_size
@@ -458,9 +444,6 @@ cdef class PagedPlan:
             return &self._work
         plan_work(a, other)
         return other
-
-
-_DENSE = _LAYOUTS["dense"]
 
 
 def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, return_lse, out):
@@ -514,24 +497,9 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
         sp[3 * batch + i] = sk
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
-    q_axes, kv_axes, lse_axes = _DENSE
-    a.q = rows_of(qa, q_axes)
-    a.out = rows_of(oa, q_axes)
-    a.k = rows_of(ka, kv_axes)
-    a.v = rows_of(va, kv_axes)
-    a.lse = rows_of(lse, lse_axes)
-    a.num_heads = <int32_t>h
-    a.num_kv_heads = <int32_t>hkv
-    a.head_dim_qk = <int32_t>d
-    a.head_dim_v = <int32_t>dv
+    _set_rows(&a, _DENSE, qa, oa, ka, va, lse, h, hkv, d, dv, sinks, alibi, scale, softcap,
+              causal, window)
     a.q_dtype = a.k_dtype = a.v_dtype = qc
-    a.sinks = doubles(sinks)
-    a.alibi = doubles(alibi)
-    a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
-    a.softcap = <double>softcap
-    a.mask.causal = causal
-    a.mask.window_left = window[0]
-    a.mask.window_right = window[1]
     a.num_seqs = batch
     a.q_start, a.k_start, a.q_len, a.k_len = sp, sp + batch, sp + 2 * batch, sp + 3 * batch
     cdef fwd_work w
@@ -543,6 +511,31 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
         finally:
             free_work(&w)
     return (oa, lse) if return_lse else oa
+
+
+cdef void _set_rows(cpa_fwd_args *a, tuple layout, cnp.ndarray qa, cnp.ndarray oa,
+                    cnp.ndarray ka, cnp.ndarray va, lse, int64_t h, int64_t hkv, int64_t d,
+                    int64_t dv, sinks, alibi, scale, softcap, causal, window):
+    """What a dense and a paged call fill alike from checked plain inputs: the
+    rows of q, out, k, v (and lse) by the layout's axes, head counts and dims,
+    per-head vectors and options."""
+    q_axes, kv_axes, lse_axes = layout
+    a.q = rows_of(qa, q_axes)
+    a.out = rows_of(oa, q_axes)
+    a.k = rows_of(ka, kv_axes)
+    a.v = rows_of(va, kv_axes)
+    a.lse = rows_of(lse, lse_axes)
+    a.num_heads = <int32_t>h
+    a.num_kv_heads = <int32_t>hkv
+    a.head_dim_qk = <int32_t>d
+    a.head_dim_v = <int32_t>dv
+    a.sinks = doubles(sinks)
+    a.alibi = doubles(alibi)
+    a.scale = 1.0 / sqrt(<double>d) if scale is None else <double>scale
+    a.softcap = <double>softcap
+    a.mask.causal = causal
+    a.mask.window_left = window[0]
+    a.mask.window_right = window[1]
 
 
 cdef object _plain_heads(object x, int64_t h):
