@@ -20,7 +20,8 @@ Grads = tuple[Array, Array, Array] | tuple[Array, Array, Array, FloatArray]
 def _run(call, out, dout, lse):
     """Convert a checked call and the forward's results to the compute
     dtype, allocate the gradients and run the engine: (dq, dk, dv) in the
-    compute dtype."""
+    compute dtype, and Di = rowsum(dO * O) laid out like lse (the q pass
+    computes it for every query row)."""
     ct = V.compute_dtype(call.q.dtype)
 
     def conv(x):
@@ -29,31 +30,29 @@ def _run(call, out, dout, lse):
     dq = np.empty(call.q.shape, ct)
     dk = np.empty(call.k.shape, ct)
     dv = np.empty(call.v.shape, ct)
-    di = np.empty(lse.shape, ct)
+    di = np.zeros(lse.shape, ct)
     if dq.size or dk.size or dv.size:
         _backward.backward(call, conv(out), conv(dout), conv(lse), di, dq, dk, dv)
-    return dq, dk, dv
+    return dq, dk, dv, di
 
 
-def _sink_grad(call, out, dout, lse):
-    """dsinks (num_heads,) of a call with sinks, in the compute dtype (float32,
-    float64 for float64 input): the sink is one more
-    logit of each row's softmax with no value, so dL/dsink_h = -sum over the
-    rows of head h of exp(sink_h - lse) * rowsum(dO * O)."""
-    with np.errstate(all="ignore"):
-        di = np.einsum("...hd,...hd->...h", dout.astype(np.float64), out.astype(np.float64))
-        heads_last = np.moveaxis(lse.astype(np.float64), -2 if call.layout == "dense" else 0, -1)
-        p = np.exp(call.sinks.astype(np.float64) - heads_last)   # (..., tokens, heads)
-        p = np.where(np.isneginf(heads_last), 0.0, p)
-        return (-(p * di).reshape(-1, call.heads).sum(axis=0)).astype(V.compute_dtype(call.q.dtype))
-
-
-def _grads(call, out, dout, lse, grads):
-    """The backward's result: (dq, dk, dv) in their dtypes, and dsinks when
-    the call has sinks."""
+def _grads(call, lse, di, grads):
+    """The backward's result: (dq, dk, dv) in their dtypes, and with sinks
+    dsinks (num_heads,) in the compute dtype (float32, float64 for float64
+    input). The sink is one more logit of each row's softmax with no value,
+    so dL/dsink_h = -sum over the rows of head h of exp(sink_h - lse) * Di."""
     if call.sinks is None:
         return grads
-    return grads + (_sink_grad(call, out, dout, lse),)
+    heads = 1 if call.layout == "dense" else 0   # lse (B, H, Sq) or (H, T)
+    shape = [1] * lse.ndim
+    shape[heads] = call.heads
+    with np.errstate(all="ignore"):
+        l64 = lse.astype(np.float64)
+        p = np.exp(call.sinks.reshape(shape) - l64)
+        p = np.where(np.isneginf(l64), 0.0, p)
+        axes = tuple(i for i in range(lse.ndim) if i != heads)
+        ds = -(p * di).sum(axis=axes)
+    return grads + (ds.astype(V.compute_dtype(call.q.dtype)),)
 
 
 def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike,
@@ -92,8 +91,8 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
     """
     call = V.dense_call(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes)
     out, dout, lse = V.forward_results(call, out, dout, lse)
-    return _grads(call, out, dout, lse,
-                  tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse)))
+    *grads, di = _run(call, out, dout, lse)
+    return _grads(call, lse, di, tuple(g.astype(call.q.dtype, copy=False) for g in grads))
 
 
 def attention_varlen_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike,
@@ -122,8 +121,8 @@ def attention_varlen_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: Ar
     call = V.packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap,
                          sinks, alibi_slopes)
     out, dout, lse = V.forward_results(call, out, dout, lse)
-    return _grads(call, out, dout, lse,
-                  tuple(g.astype(call.q.dtype, copy=False) for g in _run(call, out, dout, lse)))
+    *grads, di = _run(call, out, dout, lse)
+    return _grads(call, lse, di, tuple(g.astype(call.q.dtype, copy=False) for g in grads))
 
 
 def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
@@ -181,11 +180,11 @@ def paged_attention_backward(dout: ArrayLike, q: ArrayLike, k_pages: ArrayLike,
     k_start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if batch else lens
     packed = call._replace(k=k, v=v, layout="packed", block_table=None,
                            seqs=call.seqs._replace(k_start=k_start))
-    dq, dk, dv_ = _run(packed, out, dout, lse)
+    dq, dk, dv_, di = _run(packed, out, dout, lse)
     dk_pages = np.zeros(k_pages.shape, ct)
     dv_pages = np.zeros(v_pages.shape, ct)
     np.add.at(dk_pages, (page, slot), dk)
     np.add.at(dv_pages, (page, slot), dv_)
-    return _grads(call, out, dout, lse,
+    return _grads(call, lse, di,
                   (dq.astype(q.dtype, copy=False), dk_pages.astype(k_pages.dtype, copy=False),
                    dv_pages.astype(v_pages.dtype, copy=False)))
