@@ -51,10 +51,11 @@ class TinyLlama:
         multi-layer PagePool with the new tokens' reserved slots.
         Returns logits (batch, seq, vocab)."""
         h = self.embed[ids]
-        if slots is not None:
-            caches = [caches] * len(self.layers)
-        for li, (layer, (w1, w3, w2), cache) in enumerate(zip(self.layers, self.mlps, caches)):
-            a, _ = layer(rmsnorm(h), cache, lengths=lengths, slots=slots, layer=li)
+        for li, (layer, (w1, w3, w2)) in enumerate(zip(self.layers, self.mlps)):
+            if slots is None:
+                a, _ = layer(rmsnorm(h), caches[li], lengths=lengths)
+            else:
+                a, _ = layer(rmsnorm(h), caches, lengths=lengths, slots=slots, layer=li)
             h = h + a
             x = rmsnorm(h)
             h = h + (silu(x @ w1) * (x @ w3)) @ w2

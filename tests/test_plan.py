@@ -418,6 +418,8 @@ def test_gqattention_over_a_plan_equals_the_pool_pair(rng):
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ShapeError, match="slots"):
         layers[0](x, (pools[0], sp[0]), slots=slots)
+    with pytest.raises(ShapeError, match="layer"):    # not ignored without a plan
+        layers[0](x, (pools[0], sp[0]), layer=1)
     with multi.plan(sm) as plan:
         with pytest.raises(ShapeError, match="plan's queries"):
             layers[0](randn(rng, (2, 2, d_model)), plan, slots=slots)

@@ -219,8 +219,9 @@ class GQAttention:
                                  f"[{counts.min()}, {counts.max()}]")
         if isinstance(cache, PoolPlan):
             return self._planned(x, cache, counts, slots, layer), cache
-        if slots is not None:
-            raise ShapeError("slots: only taken with a plan as the cache")
+        if slots is not None or layer != 0:
+            raise ShapeError(f"{'slots' if slots is not None else 'layer'}: only taken with a "
+                             f"plan as the cache (a pool's layers have their own plan runs)")
         paged = _is_paged(cache)
         if paged:
             pool, seqs = cache
