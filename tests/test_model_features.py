@@ -397,3 +397,32 @@ def test_fuzz_new_keywords(data):
     cu = np.array([0, sq], np.int32)
     got = cpuattn.attention_varlen(q[0], k[0], v[0], cu, np.array([0, sk], np.int32), **opts, **f)
     assert bits(got) == bits(out[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fuzz_merge_states(data):
+    """Keys cut at random points into parts (empty ones too), each attended
+    apart and merged in order: attention over all keys, and the pair form
+    left to right gives the list form's bytes."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    t, h, sk, d = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4)), \
+        data.draw(st.integers(0, 60)), data.draw(st.sampled_from([1, 8, 17]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    q, k, v = randn(rng, (1, t, h, d), dtype), randn(rng, (1, sk, h, d), dtype), \
+        randn(rng, (1, sk, h, d), dtype)
+    cuts = sorted(data.draw(st.lists(st.integers(0, sk), min_size=1, max_size=4)))
+    bounds = [0] + cuts + [sk]
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        o, l = cpuattn.attention(q, k[:, lo:hi], v[:, lo:hi], return_lse=True)
+        parts.append((o[0], l[0]))
+    out, lse = cpuattn.merge_attention_states(parts)
+    ref, ref_lse = cpuattn.reference_attention(q, k, v, return_lse=True)
+    np.testing.assert_allclose(out, ref[0], **tol(dtype))
+    check_lse(lse, ref_lse[0], tol(dtype)["atol"])
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = cpuattn.merge_attention_states(*acc, *p)
+    if len(parts) > 1:
+        assert bits(acc[0]) == bits(out) and bits(acc[1]) == bits(lse)

@@ -496,3 +496,37 @@ def test_one_plan_in_several_threads(rng):
     for t in threads:
         t.join()
     assert not errors
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fuzz_write_kv_against_quantize_kv(data):
+    """Random slots (padding and repeats-free) and storage types: the pages
+    hold exactly quantize_kv's bytes (or the cast) at each slot, nothing else
+    changes."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    kind = data.draw(st.sampled_from(["float32", "float16", "int8", "int4", "float8_e5m2"]))
+    p, ps, hkv, d = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5)), \
+        data.draw(st.integers(1, 3)), 2 * data.draw(st.integers(1, 40))
+    n = data.draw(st.integers(0, p * ps))
+    slots = rng.permutation(p * ps)[:n].astype(np.int64)
+    slots[rng.random(n) < 0.2] = -1
+    x = randn(rng, (n, hkv, d)) * 3
+    if kind in LOW:
+        codes, scale = cpuattn.quantize_kv(np.zeros((p, ps, hkv, d), np.float32), kind)
+        pages, scales = codes.copy(), scale.copy()
+        cpuattn.write_kv(pages, pages.copy(), slots, x, x, k_scale=scales,
+                         v_scale=scales.copy())
+        want_c, want_s = cpuattn.quantize_kv(x, kind)
+    else:
+        pages, scales = np.zeros((p, ps, hkv, d), kind), None
+        cpuattn.write_kv(pages, pages.copy(), slots, x, x)
+        want_c, want_s = x.astype(kind), None
+    flat = pages.reshape((p * ps,) + pages.shape[2:])
+    used = slots >= 0
+    assert bits(flat[slots[used]]) == bits(want_c[used])
+    untouched = np.setdiff1d(np.arange(p * ps), slots[used])
+    assert not flat[untouched].view(np.uint8).any()
+    if scales is not None:
+        sflat = scales.reshape((p * ps,) + scales.shape[2:])
+        assert bits(sflat[slots[used]]) == bits(want_s[used])

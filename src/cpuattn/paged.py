@@ -249,4 +249,5 @@ def _encoded(x, pages, scale, n, name, pname, sname):
         raise ShapeError(f"{sname}: expected a {fmt.scale_dtype} array of shape {want} for "
                          f"{fmt.name} {pname}, got {target.dtype} {target.shape}")
     codes, scales = _quant.quantize_rows(flat, fmt.code, fmt.codes_dtype)
-    return [(pages, codes.reshape(n, hkv, -1)), (target, scales.reshape((n,) + want[2:]))]
+    return [(pages, codes.reshape((n, hkv) + codes.shape[1:])),
+            (target, scales.reshape((n,) + want[2:]))]
