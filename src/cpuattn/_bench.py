@@ -91,10 +91,15 @@ class Case:
 
     def kv_bytes(self):
         """Bytes of K and V a decode step must read: every cached token once
-        (low-bit pages: their codes and scales)."""
+        (low-bit pages: their codes and scales); for "write_kv" the new
+        token's rows it stores, for "merge" the two states it reads."""
         d = self.head_dim
         row = {"float32": 4 * d, "int8": d + 4, "float8_e4m3fn": d + 4, "float8_e5m2": d + 4,
                "int4": d // 2 + 2 * -(-d // 32)}.get(self.dtype, 2 * d)
+        if self.call == "write_kv":
+            return 2.0 * self.batch * self.num_kv_heads * row
+        if self.call == "merge":
+            return 2.0 * self.batch * self.num_heads * (4 * d + 4)
         return 2.0 * self.batch * self.seq * self.num_kv_heads * row * self.layers
 
 
@@ -204,6 +209,11 @@ CASES = [
          call="tree", note="speculative verify: a random tree of 16 draft tokens"),
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
+    *[Case(f"write_kv_b8_{tag}", "decode", 8, 32, 8, 128, 2048, dtype=dtype, call="write_kv",
+           note=f"write_kv of one new token per sequence into {tag} pages")
+      for tag, dtype in (("fp32", "float32"), ("int8", "int8"))],
+    Case("merge_states_b8", "decode", 8, 32, 8, 128, 2048, dtype="float32", call="merge",
+         note="merge_attention_states of two decode results (B8 H32 D128)"),
     Case("decode_tiny_plan_run", "decode", 1, 32, 8, 128, 16, dtype="float32", call="plan",
          note="the tiny decode as PagedPlan.run (planned once)"),
     Case("decode_tiny_plan_run_full", "decode", 1, 32, 8, 128, 16, dtype="float32",
@@ -383,6 +393,10 @@ def _build_decode(c, rng, torch):
     # the same context as contiguous (B, ctx, Hkv, D) arrays
     k_dense = k_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
     v_dense = v_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
+    if c.call in ("write_kv", "merge"):
+        for name in ("torch_sdpa", "torch_paged", "reference"):
+            impls[name] = Skip("n/a: not attention (the rate column is the bytes it moves)")
+        return impls
     if f or c.call == "tree":
         impls["torch_sdpa"] = impls["torch_paged"] = Skip(
             "n/a: SDPA has no sinks or tree masks (compare with the case without)")
@@ -444,6 +458,19 @@ def _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens, scales):
         return (lambda: plan.run(q, k_pages, v_pages, out=out, return_lse=True, **scales),
                 lambda r: _f64(r[0]))
 
+    if c.call == "write_kv":   # store one new token per sequence, vLLM's reshape_and_cache
+        slots = (block_table[:, -1].astype(np.int64) * ps + ps - 1)
+        rows = np.random.default_rng(2).standard_normal((b,) + (k_pages.shape[2], q.shape[2]),
+                                                        dtype=np.float32)
+        kw = {"k_scale": scales["k_scale"], "v_scale": scales["v_scale"]} if "k_scale" in scales \
+            else {}
+        return (lambda: cpuattn.write_kv(k_pages, v_pages, slots, rows, rows, **kw),
+                lambda _: _f64(k_pages[slots // ps, slots % ps]))
+    if c.call == "merge":   # two partial states of the same rows, merged by lse
+        o1, l1 = cpuattn.paged_attention(q, k_pages, v_pages, block_table, seq_lens,
+                                         return_lse=True, **scales)
+        o2, l2 = o1[::-1].copy(), l1[:, ::-1].copy()
+        return (lambda: cpuattn.merge_attention_states(o1, l1, o2, l2), lambda r: _f64(r[0]))
     if c.call == "tree":   # 16 draft queries per sequence, a random tree over them
         n = 16
         rng = np.random.default_rng(1)
