@@ -16,6 +16,7 @@ ctypedef struct fwd_work:
 cdef int plan_work(const cpa_fwd_args *a, fwd_work *w) except -1
 cdef void free_work(fwd_work *w) noexcept
 cdef int run_work(const cpa_fwd_args *a, const fwd_work *w) except -1
+cdef int run(const cpa_fwd_args *a) except -1
 cdef int float_code(cnp.ndarray x)
 cdef int page_code(cnp.ndarray x)
 cdef cpa_rows scale_rows(object scale)

@@ -27,8 +27,8 @@ import numpy as np
 
 from ._engine cimport (CPA_E4M3, CPA_E5M2, CPA_F64, CPA_I4, cpa_dtype_bits, cpa_fwd_args,
                        rows_of)
-from ._forward cimport (fwd_work, doubles, float_code, free_work, page_code, plan_work, run_work,
-                        scale_rows)
+from ._forward cimport (fwd_work, doubles, float_code, free_work, page_code, plan_work, run,
+                        run_work, scale_rows)
 from . import _validate as V
 from ._forward import LAYOUTS as _LAYOUTS
 from .errors import PageError, ShapeError
@@ -502,14 +502,8 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
     a.q_dtype = a.k_dtype = a.v_dtype = qc
     a.num_seqs = batch
     a.q_start, a.k_start, a.q_len, a.k_len = sp, sp + batch, sp + 2 * batch, sp + 3 * batch
-    cdef fwd_work w
-    memset(&w, 0, sizeof(w))
     if sq and batch:
-        try:
-            plan_work(&a, &w)
-            run_work(&a, &w)
-        finally:
-            free_work(&w)
+        run(&a)
     return (oa, lse) if return_lse else oa
 
 
