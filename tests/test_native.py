@@ -12,6 +12,8 @@ import pytest
 
 from conftest import require_tools
 
+from cpuattn import _threads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "src", "cpuattn", "csrc")
 
@@ -21,21 +23,29 @@ def _report(r):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")
-def test_native_engine_every_simd_path(tmp_path):
+@pytest.mark.parametrize("emulate_amx", [False, True], ids=["native", "amx-emulated"])
+def test_native_engine_every_simd_path(tmp_path, emulate_amx):
+    """With emulate_amx the amx path runs its tile products as C
+    (CPA_AMX_EMULATE), so its layouts are checked on any AVX512_BF16 CPU;
+    CI has no AMX."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         pytest.skip("no C compiler")
     exe = str(tmp_path / "attn_check")
     build = subprocess.run(
         [cc, "-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
-         "-Wno-unknown-pragmas", "-I" + CSRC, os.path.join(ROOT, "tests", "native", "attn_check.c"),
-         os.path.join(CSRC, "forward.c"), os.path.join(CSRC, "platform.c"),
-         os.path.join(CSRC, "quant.c"), "-lm", "-o", exe],
+         "-Wno-unknown-pragmas", "-pthread", "-I" + CSRC]
+        + (["-DCPA_AMX_EMULATE"] if emulate_amx else [])
+        + [os.path.join(ROOT, "tests", "native", "attn_check.c"),
+           os.path.join(CSRC, "forward.c"), os.path.join(CSRC, "platform.c"),
+           os.path.join(CSRC, "quant.c"), "-lm", "-o", exe],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     r = subprocess.run([exe], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, _report(r)
     assert "\n0 of " in r.stdout and "FAIL" not in r.stdout, _report(r)
+    if emulate_amx and "avx512bf16" in _threads.supported_isas():
+        assert " amx " in r.stdout, _report(r)   # the emulated path ran
 
 
 def test_aarch64_under_qemu():
