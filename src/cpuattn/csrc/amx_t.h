@@ -6,10 +6,11 @@
  * elements of 16 columns), the layout the avx512bf16 kernel already packs:
  *  - scores, S^T = K Q^T: A = 16 key rows straight from K (32 dims), B = Q^T
  *    as dim pairs (QP), C = 16 keys x 16 query lanes of S^T;
- *  - values, O^T += V^T P^T: A = V^T as key pairs (VP, transposed), B = P^T
- *    as key pairs (PP), C = 16 dims x 16 query lanes of O^T.
- * So the softmax, masks and rescaling of the tiled kernel stay as they are,
- * in fp32 AVX-512 on S^T and O^T. Every product is blocked 2 x 2 (tiles 0-3
+ *  - values, O += P V: A = P as key pairs (transposed from the S^T layout),
+ *    B = V as key pairs (VP), C = 16 query rows x 16 dims of O, which the
+ *    amx path keeps query-major (the other paths keep O^T).
+ * So the softmax and masks of the tiled kernel stay as they are, in fp32
+ * AVX-512 on S^T. Every product is blocked 2 x 2 (tiles 0-3
  * accumulate, 4-5 hold A, 6-7 hold B). Accuracy is that of the avx512bf16
  * path: exact bf16 products summed in fp32, P rounded to bf16.
  *
@@ -180,50 +181,52 @@ static inline void TN(amx_transpose16)(const uint32_t *src, int64_t lds, uint32_
     }
 }
 
-/* O^T (Dv rows of Mp query lanes) += V^T P^T over n <= 64 keys: vrow are
- * the bf16 value rows (a hidden non-finite one already replaced by the zero
- * row), P^T the fp32 weights in ST (n rows of Mp). VP (32 x Dv words), VT
- * (Dv x 32 words) and PP (32 x Mp words) are scratch. Dv is a multiple of 16. */
+/* O (Mp query rows of Dv, query-major) += P V over n <= 64 keys: P^T is the
+ * fp32 weights in ST (n rows of Mp), vrow the bf16 value rows (a hidden
+ * non-finite one already replaced by the zero row). The tiles want P with
+ * queries as rows: P^T goes to bf16 key pairs (PP) and is transposed (PT,
+ * Mp x 32 words), cheaper than transposing V (Mp <= Dv in the usual shapes);
+ * V needs only its rows interleaved in pairs (VP, 32 x Dv words). Dv is a
+ * multiple of 16, Mp of 32. */
 static void TN(amx_values)(int64_t n, const uint16_t *const *vrow, int64_t Dv, const uint16_t *zero,
-                           const T *ST, int64_t Mp, uint32_t *VP, uint32_t *VT, uint32_t *PP, T *OT)
+                           const T *ST, int64_t Mp, uint32_t *VP, uint32_t *PP, uint32_t *PT, T *O)
 {
     const int64_t n2 = (n + 1) / 2, np = cpa_roundup(n2, 16);   /* key pairs, padded */
-    const int64_t ldo = Mp * (int64_t)sizeof(T), ldp = Mp * 4, ldt = 32 * 4;
+    const int64_t ldo = Dv * (int64_t)sizeof(T), ldv = Dv * 4, ldt = 32 * 4;
     TN(pack_row_pairs)(vrow, n, Dv, zero, VP);
     memset(VP + n2 * Dv, 0, (size_t)((np - n2) * Dv) * 4);
     TN(pack_p_pairs)(ST, n, Mp, PP);
     memset(PP + n2 * Mp, 0, (size_t)((np - n2) * Mp) * 4);
     for (int64_t k = 0; k < np; k += 16)
-        for (int64_t d = 0; d < Dv; d += 16)
-            TN(amx_transpose16)(VP + k * Dv + d, Dv, VT + d * 32 + k, 32);
-    for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
-        const int two = d0 + 32 <= Dv;   /* else one last 16-dim block */
-        for (int64_t c = 0; c < Mp; c += 32) {
-            T *o = OT + d0 * Mp + c;
+        for (int64_t c = 0; c < Mp; c += 16)
+            TN(amx_transpose16)(PP + k * Mp + c, Mp, PT + c * 32 + k, 32);
+    for (int64_t c = 0; c < Mp; c += 32)
+        for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
+            const int two = d0 + 32 <= Dv;   /* else one last 16-dim block */
+            T *o = O + c * Dv + d0;
             CPA_AMX_LOAD(0, o, ldo);
-            CPA_AMX_LOAD(1, o + 16, ldo);
+            CPA_AMX_LOAD(2, o + 16 * Dv, ldo);
             if (two) {
-                CPA_AMX_LOAD(2, o + 16 * Mp, ldo);
-                CPA_AMX_LOAD(3, o + 16 * Mp + 16, ldo);
+                CPA_AMX_LOAD(1, o + 16, ldo);
+                CPA_AMX_LOAD(3, o + 16 * Dv + 16, ldo);
             }
             for (int64_t k = 0; k < np; k += 16) {
-                CPA_AMX_LOAD(4, VT + d0 * 32 + k, ldt);
-                CPA_AMX_LOAD(6, PP + k * Mp + c, ldp);
-                CPA_AMX_LOAD(7, PP + k * Mp + c + 16, ldp);
+                CPA_AMX_LOAD(4, PT + c * 32 + k, ldt);
+                CPA_AMX_LOAD(5, PT + (c + 16) * 32 + k, ldt);
+                CPA_AMX_LOAD(6, VP + k * Dv + d0, ldv);
                 if (two) {
-                    CPA_AMX_LOAD(5, VT + (d0 + 16) * 32 + k, ldt);
+                    CPA_AMX_LOAD(7, VP + k * Dv + d0 + 16, ldv);
                     CPA_AMX_DP2X2();
                 } else {
                     CPA_AMX_DP(0, 4, 6);
-                    CPA_AMX_DP(1, 4, 7);
+                    CPA_AMX_DP(2, 5, 6);
                 }
             }
             CPA_AMX_STORE(0, o, ldo);
-            CPA_AMX_STORE(1, o + 16, ldo);
+            CPA_AMX_STORE(2, o + 16 * Dv, ldo);
             if (two) {
-                CPA_AMX_STORE(2, o + 16 * Mp, ldo);
-                CPA_AMX_STORE(3, o + 16 * Mp + 16, ldo);
+                CPA_AMX_STORE(1, o + 16, ldo);
+                CPA_AMX_STORE(3, o + 16 * Dv + 16, ldo);
             }
         }
-    }
 }

@@ -95,7 +95,7 @@ static inline void cpa_prefetch_bytes(const void *p, int64_t bytes)
 
 typedef struct {
     size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, vsraw, ksraw, vfix,
-        pp, vt, apos, aslope, total;
+        pp, pt, apos, aslope, total;
 } cpa_tiled_layout;
 
 typedef struct {
@@ -129,7 +129,7 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->ksraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->vfix = cpa_take(&at, CPA_BK * sizeof(void *));
     L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
-    L->vt = cpa_take(&at, (size_t)(dv * CPA_BK / 2) * 4);   /* V^T as key pairs (amx) */
+    L->pt = cpa_take(&at, (size_t)(mp * CPA_BK / 2) * 4);   /* P as key pairs, query rows (amx) */
     L->apos = cpa_take(&at, (size_t)mp * tsize);     /* ALiBi: each lane's position, slope */
     L->aslope = cpa_take(&at, (size_t)mp * tsize);
     L->total = at;

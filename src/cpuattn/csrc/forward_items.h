@@ -67,6 +67,13 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     const void **vsraw = (const void **)(scratch + L.vsraw), **ksraw = (const void **)(scratch + L.ksraw);
     const T **vfix = (const T **)(scratch + L.vfix);
     T *apos = (T *)(scratch + L.apos), *aslope = (T *)(scratch + L.aslope);
+    /* element (d, r) of the output accumulator is OT[d * o_d + r * o_r]: O^T
+     * (dims x query lanes), or on the amx path O (query rows, its P V tiles' layout) */
+#if CPA_HAS_AMX
+    const int64_t o_d = 1, o_r = Dv;
+#else
+    const int64_t o_d = Mp, o_r = 1;
+#endif
 #if CPA_HAS_DPBF16
     uint32_t *QP = (uint32_t *)QT;   /* ceil(Dk/2) rows of Mp bf16 pairs: fits in Q^T */
 #endif
@@ -201,9 +208,17 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             rescale |= TN(any)(al != 1);
         }
         if (rescale)
+#if CPA_HAS_AMX
+            for (int64_t r = 0; r < Mp; r++) {
+                if (alpha[r] == 1) continue;
+                const V al = TN(vset1)(alpha[r]);
+                for (int64_t d = 0; d < Dv; d += VL) TN(vst)(OT + r * Dv + d, TN(vld)(OT + r * Dv + d) * al);
+            }
+#else
             for (int64_t d = 0; d < Dv; d++)
                 for (int64_t c = 0; c < Mp; c += VL)
                     TN(vst)(OT + d * Mp + c, TN(vld)(OT + d * Mp + c) * TN(vld)(alpha + c));
+#endif
 
         /* 0 * NaN is NaN: a non-finite value row hidden from some query rows
          * must not enter the shared product; add it only where it is seen. */
@@ -225,7 +240,7 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         /* O^T += V^T P^T */
 #if CPA_HAS_AMX
         TN(amx_values)(n, (const uint16_t *const *)vrow, Dv, (const uint16_t *)zero, ST, Mp,
-                       (uint32_t *)vc, (uint32_t *)(scratch + L.vt), (uint32_t *)(scratch + L.pp), OT);
+                       (uint32_t *)vc, (uint32_t *)(scratch + L.pp), (uint32_t *)(scratch + L.pt), OT);
 #elif CPA_HAS_DPBF16
         /* on bf16 pairs of keys: P is rounded to bf16 (relative error <= 2^-9
          * per weight, unbiased; l keeps the fp32 sum), V is bf16 already */
@@ -249,9 +264,9 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                 if (j >= lo[r] && j <= hi[r] && !cpa_tree_hides(a, b, t0 + r / g, j))
                     for (int64_t d = 0; d < Dv; d++)
 #if CPA_HAS_DPBF16
-                        OT[d * Mp + r] += ST[i * Mp + r] * cpa_bf16_to_f32(((const uint16_t *)vraw[i])[d]);
+                        OT[d * o_d + r * o_r] += ST[i * Mp + r] * cpa_bf16_to_f32(((const uint16_t *)vraw[i])[d]);
 #else
-                        OT[d * Mp + r] += ST[i * Mp + r] * vfix[f][d];
+                        OT[d * o_d + r * o_r] += ST[i * Mp + r] * vfix[f][d];
 #endif
         }
     }
@@ -261,10 +276,10 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
 #endif
     for (int64_t r = 0; r < M; r++) {
         if (it->slot < 0) {
-            RN_CALL(store_row)(a, b, t0 + r / g, kvh * g + r % g, OT + r, Mp, m[r], l[r]);
+            RN_CALL(store_row)(a, b, t0 + r / g, kvh * g + r % g, OT + r * o_r, o_d, m[r], l[r]);
         } else {
             T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + r * (Dv + 2);
-            for (int64_t d = 0; d < Dv; d++) part[d] = OT[d * Mp + r];
+            for (int64_t d = 0; d < Dv; d++) part[d] = OT[d * o_d + r * o_r];
             part[Dv] = m[r]; part[Dv + 1] = l[r];
         }
     }
