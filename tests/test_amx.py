@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cpuattn
 from conftest import make_pages, randn, ref_paged, tol
@@ -116,3 +118,17 @@ def test_forked_child_and_new_thread_give_the_same_bytes(rng, each_isa):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     np.testing.assert_array_equal(pickle.loads(data), want)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(d=st.sampled_from([32, 64, 96]), dv=st.sampled_from([16, 32, 48, 64]),
+       sq=st.integers(1, 130), sk=st.integers(1, 200), hkv=st.integers(1, 3), g=st.integers(1, 9),
+       causal=st.booleans(), window=st.sampled_from([(-1, -1), (16, 0), (3, 7)]),
+       softcap=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 2 ** 16))
+def test_fuzz_tile_shapes(each_isa, d, dv, sq, sk, hkv, g, causal, window, softcap, seed):
+    """Random shapes the amx path takes: every group size, queries longer or
+    shorter than keys, partial key tiles and query blocks."""
+    rng = np.random.default_rng(seed)
+    q, k, v = _bf16(rng, (1, sq, hkv * g, d)), _bf16(rng, (1, sk, hkv, d)), _bf16(rng, (1, sk, hkv, dv))
+    opts = {"causal": causal, "window": window, "softcap": softcap}
+    _check(cpuattn.attention(q, k, v, **opts), cpuattn.reference_attention(q, k, v, **opts))
