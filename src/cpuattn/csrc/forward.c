@@ -262,13 +262,13 @@ cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     const int q64 = a->q_dtype == CPA_F64;
     if ((a->k_dtype == CPA_F64) != q64 || (a->v_dtype == CPA_F64) != q64)
         return 0;   /* float64 compute needs float64 everywhere */
+#if CPA_HAVE_BF16_TARGET
     const int all_bf16 = a->q_dtype == CPA_BF16 && a->k_dtype == CPA_BF16 && a->v_dtype == CPA_BF16;
 #if CPA_HAVE_AMX_TARGET
     /* tiles take K rows 32 elements at a time and give 16-dim output tiles */
     if (isa == CPA_ISA_AMX && !(all_bf16 && a->head_dim_qk % 32 == 0 && a->head_dim_v % 16 == 0))
         isa = cpa_isa_fallback(isa);
 #endif
-#if CPA_HAVE_BF16_TARGET
     /* the bf16-pair products need Q, K and V in bfloat16 (rounding a
      * float32 Q to bf16 would lose precision the caller asked for) */
     if (isa == CPA_ISA_AVX512BF16 && !all_bf16)
