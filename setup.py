@@ -66,13 +66,14 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-def ext(name, *csources):
+def ext(name, *csources, libraries=()):
     return Extension(
         f"cpuattn.{name}",
         [os.path.join(PKG, f"{name}.pyx")] + [os.path.join(CSRC, c) for c in csources],
         include_dirs=[np.get_include(), CSRC],
         depends=sorted(glob.glob(os.path.join(CSRC, "*.h"))),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        libraries=list(libraries),
     )
 
 
@@ -80,7 +81,9 @@ def ext(name, *csources):
 # workers.c: the worker pool, one per process, in _threads (the other modules
 # call it through _threads.parallel_for)
 extensions = [
-    ext("_threads", "platform.c", "workers.c"),
+    # libdl: dladdr (csrc/portable.h), in libc itself only since glibc 2.34
+    ext("_threads", "platform.c", "workers.c",
+        libraries=["dl"] if sys.platform.startswith("linux") else []),
     ext("_forward", "forward.c", "platform.c", "quant.c"),
     ext("_plan", "platform.c"),
     ext("_roofline"),
