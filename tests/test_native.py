@@ -29,7 +29,8 @@ def _check_passed(r, checks):
     assert r.stdout.count("\n0 of ") == checks and "FAIL" not in r.stdout, _report(r)
 
 
-def _build_and_run(tmp_path, name, csources, *flags):
+def _build_and_run(tmp_path, name, csources, *flags, envs=({},)):
+    """Build tests/native/NAME.c with the sources and run it once per env."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         pytest.skip("no C compiler")
@@ -41,7 +42,9 @@ def _build_and_run(tmp_path, name, csources, *flags):
          *[os.path.join(CSRC, c) for c in csources], "-lm", "-o", exe],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
-    _check_passed(subprocess.run([exe], capture_output=True, text=True, timeout=300), 1)
+    for env in envs:
+        _check_passed(subprocess.run([exe], capture_output=True, text=True, timeout=300,
+                                     env={**os.environ, **env}), 1)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")
@@ -51,7 +54,14 @@ def test_native_engine_every_simd_path(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")
 def test_native_worker_pool_and_page_pool(tmp_path):
-    _build_and_run(tmp_path, "os_check", ["workers.c", "pool.c"], "-pthread")
+    # built without -fopenmp: the thread limit comes from OMP_NUM_THREADS alone
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    _build_and_run(tmp_path, "os_check", ["workers.c", "pool.c", "platform.c"], "-pthread",
+                   envs=({"OMP_NUM_THREADS": "3,2"}, {"OMP_NUM_THREADS": "junk"}))
+    r = subprocess.run([str(tmp_path / "os_check")], capture_output=True, text=True, timeout=300,
+                       env=env)
+    _check_passed(r, 1)
+    assert "thread limit without OpenMP: 2147483647" in r.stdout, _report(r)
 
 
 def test_aarch64_under_qemu():

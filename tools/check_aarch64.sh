@@ -24,6 +24,6 @@ for f in forward backward pool platform quant workers; do
 done
 echo "compiled forward.c backward.c pool.c platform.c quant.c workers.c for aarch64 ($($CC -dumpversion))"
 $CC $FLAGS tests/native/attn_check.c "$OUT/forward.o" "$OUT/platform.o" "$OUT/quant.o" -lm -o "$OUT/attn_check"
-$CC $FLAGS -pthread tests/native/os_check.c "$OUT/workers.o" "$OUT/pool.o" -o "$OUT/os_check"
+$CC $FLAGS -pthread tests/native/os_check.c "$OUT/workers.o" "$OUT/pool.o" "$OUT/platform.o" -o "$OUT/os_check"
 $QEMU -L "$SYSROOT" "$OUT/os_check"
 $QEMU -L "$SYSROOT" "$OUT/attn_check"

@@ -31,7 +31,7 @@ for f in forward backward pool platform quant workers; do
 done
 echo "compiled forward.c backward.c pool.c platform.c quant.c workers.c for Windows ($CC $($CC -dumpversion))"
 # -static: libgomp and winpthreads inside the .exe, as a wheel links them
-$CC $FLAGS tests/native/os_check.c "$OUT/workers.o" "$OUT/pool.o" -static -o "$OUT/os_check.exe"
+$CC $FLAGS tests/native/os_check.c "$OUT/workers.o" "$OUT/pool.o" "$OUT/platform.o" -static -o "$OUT/os_check.exe"
 $CC $FLAGS tests/native/attn_check.c "$OUT/forward.o" "$OUT/platform.o" "$OUT/quant.o" -static \
     -o "$OUT/attn_check.exe"
 "$WINE" "$OUT/os_check.exe"

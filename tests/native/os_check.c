@@ -1,14 +1,17 @@
 /* Native check of the OS-facing C code without Python: the worker pool
  * (workers.c: threads, per-thread scratch, a second caller while the pool is
- * busy) and the page pool (pool.c: its lock, hammered from several threads).
+ * busy), the page pool (pool.c: its lock, hammered from several threads) and
+ * the thread limit of a build without OpenMP (platform.c).
  * tests/native/attn_check.c checks the kernels; this checks what differs
  * between operating systems (see csrc/portable.h), so it is run where the
  * OS differs: on the host by tests/test_native.py and under wine by
  * tools/check_windows.sh. Exit status 0 = all passed.
  *
  *   cc -O2 -std=gnu11 -pthread -Isrc/cpuattn/csrc tests/native/os_check.c \
- *      src/cpuattn/csrc/workers.c src/cpuattn/csrc/pool.c
+ *      src/cpuattn/csrc/workers.c src/cpuattn/csrc/pool.c \
+ *      src/cpuattn/csrc/platform.c
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -16,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "platform.h"
 #include "pool.h"
 #include "workers.h"
 
@@ -154,8 +158,27 @@ static void check_pool(void)
     printf("page pool: 4 threads x 300 create/append/fork/truncate/free\n");
 }
 
+/* ---- thread limit ---- */
+
+/* Without OpenMP the kernels' thread limit is OMP_NUM_THREADS's first
+ * entry, or none (platform.c); with it, the runtime's. */
+static void check_thread_limit(void)
+{
+    if (cpa_openmp_enabled()) {
+        CHECK(cpa_omp_max_threads() >= 1, "omp_get_max_threads %d", cpa_omp_max_threads());
+        return;
+    }
+    const char *s = getenv("OMP_NUM_THREADS");
+    const long v = s ? strtol(s, NULL, 10) : 0;
+    const int want = v >= 1 ? (int)v : INT_MAX;
+    CHECK(cpa_omp_max_threads() == want, "thread limit %d without OpenMP, OMP_NUM_THREADS=%s",
+          cpa_omp_max_threads(), s ? s : "(unset)");
+    printf("thread limit without OpenMP: %d\n", cpa_omp_max_threads());
+}
+
 int main(void)
 {
+    check_thread_limit();
     check_workers();
     check_pool();
     printf("%d of %d checks failed\n", atomic_load(&fails), atomic_load(&checks));
