@@ -8,7 +8,9 @@
 #
 # Fails unless the build really is clang's and reads its thread limit from
 # libomp (cpuattn.info()["compiler"], ["openmp_library"]): a silent fallback
-# to GCC or to a build without OpenMP would test nothing new.
+# to GCC or to a build without OpenMP would test nothing new. With
+# CPUATTN_NO_OPENMP=1 it builds and tests clang without OpenMP instead (what
+# Apple clang without libomp builds) and fails if OpenMP is on.
 # Environment: CC (clang), PYTHON (python3), CPUATTN_CLANG_JOBS (2),
 # CPUATTN_CLANG_DIR (scratch directory; default a fresh one, removed at exit).
 set -euo pipefail
@@ -37,10 +39,14 @@ fi
 echo "check_clang.sh: built in $(( $(date +%s) - start )) s"
 export PYTHONPATH="$WORK/src" PYTHONDONTWRITEBYTECODE=1
 "$PYTHON" - <<'EOF'
+import os
 import cpuattn
 i = cpuattn.info()
 print(f"check_clang.sh: compiler {i['compiler']}, OpenMP {i['openmp_version']} from {i['openmp_library']}")
 assert i["compiler"].startswith("clang"), i["compiler"]
-assert i["openmp"] and "libomp" in (i["openmp_library"] or ""), i
+if os.environ.get("CPUATTN_NO_OPENMP"):
+    assert not i["openmp"] and (i["num_threads"] > 1 or i["usable_cpus"] == 1), i
+else:
+    assert i["openmp"] and "libomp" in (i["openmp_library"] or ""), i
 EOF
 "$PYTHON" -m pytest -q -p no:cacheprovider "${@:-tests}"
