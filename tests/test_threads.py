@@ -231,7 +231,7 @@ def test_pool_is_used_when_torch_is_imported_first():
     sets that limit itself when it loads)."""
     pytest.importorskip("torch")
     if not cpuattn.info()["openmp"] or _threads.usable_cpus() < 2:
-        pytest.skip("serial build or one CPU: torch limits OpenMP to 1 thread")
+        pytest.skip("built without OpenMP or one CPU: torch limits OpenMP to 1 thread")
     assert max(_threads_used_in_subprocess("torch")) >= 2
 
 
