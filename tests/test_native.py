@@ -14,6 +14,8 @@ import pytest
 
 from conftest import require_tools
 
+from cpuattn import _threads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "src", "cpuattn", "csrc")
 
@@ -43,13 +45,22 @@ def _build_and_run(tmp_path, name, csources, *flags, envs=({},)):
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     for env in envs:
-        _check_passed(subprocess.run([exe], capture_output=True, text=True, timeout=300,
-                                     env={**os.environ, **env}), 1)
+        r = subprocess.run([exe], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, **env})
+        _check_passed(r, 1)
+    return r
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")
-def test_native_engine_every_simd_path(tmp_path):
-    _build_and_run(tmp_path, "attn_check", ["forward.c", "platform.c", "quant.c"])
+@pytest.mark.parametrize("emulate_amx", [False, True], ids=["native", "amx-emulated"])
+def test_native_engine_every_simd_path(tmp_path, emulate_amx):
+    """With emulate_amx the amx path runs its tile products as C
+    (CPA_AMX_EMULATE), so its layouts are checked on any AVX512_BF16 CPU;
+    CI has no AMX."""
+    r = _build_and_run(tmp_path, "attn_check", ["forward.c", "platform.c", "quant.c"], "-pthread",
+                       *(["-DCPA_AMX_EMULATE"] if emulate_amx else []))
+    if emulate_amx and "avx512bf16" in _threads.supported_isas():
+        assert " amx " in r.stdout, _report(r)   # the emulated path ran
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX C toolchain")

@@ -16,7 +16,10 @@ from conftest import thread_cap
 
 # The SIMD paths a build has, slowest first, by machine: aarch64 (and any
 # other CPU) runs the baseline kernels only, which the compiler lowers to NEON.
-PATHS = {"x86_64": ["scalar", "avx2", "avx512", "avx512bf16"]}
+# amx (tile products) is built on x86-64 Linux only: only Linux's request for
+# the tile state is implemented.
+PATHS = {"x86_64": ["scalar", "avx2", "avx512", "avx512bf16"]
+         + (["amx"] if sys.platform.startswith("linux") else [])}
 
 
 def _x86_flags():
@@ -45,6 +48,9 @@ def expected_best_isa():
             best = "avx512"
             if "avx512_bf16" in flags and "avx512bf16" in _threads.isa_names():
                 best = "avx512bf16"
+                # Linux lists amx_* only when it enables the tile state
+                if {"amx_tile", "amx_bf16"} <= flags and "amx" in _threads.isa_names():
+                    best = "amx"
     return best
 
 
@@ -56,8 +62,8 @@ def test_info_reports_build_and_runtime():
     assert info["num_threads"] == cpuattn.get_num_threads()
     names = _threads.isa_names()
     if platform.machine() == "x86_64":
-        # avx512bf16 needs GCC >= 10 / Clang >= 9 to be built at all
-        assert names in (PATHS["x86_64"], PATHS["x86_64"][:-1])
+        # avx512bf16 (and amx on it) need GCC >= 10 / Clang >= 9 to be built at all
+        assert names in (PATHS["x86_64"], PATHS["x86_64"][:4], PATHS["x86_64"][:3])
     else:
         assert names == ["scalar"]
     best = expected_best_isa()
@@ -275,3 +281,34 @@ def test_concurrent_calls_from_python_threads(threads, rng):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in ts), "a kernel call hung"
     assert wrong == []
+
+
+def _fresh_info(isa):
+    code = ("import json, warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import cpuattn\n"
+            "print(json.dumps([cpuattn.info()['simd'], [str(x.message) for x in w "
+            "if x.category is RuntimeWarning]]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "CPUATTN_ISA": isa})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_amx_only_where_the_cpu_and_os_grant_it():
+    """amx is listed and chosen exactly when the CPU reports AMX-TILE and
+    AMX-BF16 with their OS state (Linux lists the flags only then) and
+    AVX512_BF16; forcing it elsewhere warns and runs the best path."""
+    flags = _x86_flags() or set()
+    has_amx = platform.machine() == "x86_64" and "amx" in _threads.isa_names() and \
+        {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+    assert ("amx" in _threads.supported_isas()) == has_amx
+    simd, warned = _fresh_info("amx")
+    if has_amx:
+        assert simd == "amx" and not warned
+    else:
+        assert simd == _threads.best_isa() != "amx"
+        assert warned and "CPUATTN_ISA='amx' is not supported" in warned[0]
+        with pytest.raises(ShapeError, match="isa"):
+            _threads.set_isa("amx")

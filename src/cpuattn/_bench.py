@@ -172,6 +172,8 @@ CASES = [
          note="BERT-base-like encoder"),
     Case("prefill_causal_s2048_bf16", "prefill", 1, 32, 8, 128, 2048, True, "bfloat16",
          note="bf16 q/k/v (ml_dtypes)"),
+    Case("prefill_causal_s4096_bf16", "prefill", 1, 32, 8, 128, 4096, True, "bfloat16",
+         note="bf16 prefill at 4096: the amx path's shape (torch: oneDNN on AMX where present)"),
     *[Case(f"prefill_causal_s2048_fp32_{f}", "prefill", 1, 32, 8, 128, 2048, True, "float32",
            features=f, note=f"prefill_causal_s2048_fp32 with {f}") for f in ("sinks", "alibi")],
     Case("decode_b8_ctx2048_fp32", "decode", 8, 32, 8, 128, 2048, dtype="float32",

@@ -1,7 +1,9 @@
 /* Native check of the forward engine without Python: runs dense, packed and
  * paged attention (fp32/fp64/fp16/bf16 storage, GQA, causal, window, softcap,
  * split-KV, rows that see no key, NaN in hidden keys) on every SIMD path this
- * CPU supports and compares against a scalar float64 reference.
+ * CPU supports and compares against a scalar float64 reference. Built with
+ * -DCPA_AMX_EMULATE it also runs the amx path's tile products as C on any
+ * AVX512_BF16 CPU (tests/test_native.py does both).
  *
  * Built for the host by tests/test_native.py and for aarch64 (run under
  * qemu-user) by tools/check_aarch64.sh, so the baseline path that aarch64
@@ -150,7 +152,8 @@ static int run_case(const tcase *c, int isa)
         kv_store_init(&vq, c->kv_dtype, krows * Hkv, Dv);
     }
     float xrow[512];
-    /* page ids in a scrambled order: stride 5 through the pool */
+    /* page ids in a scrambled order: stride 5 through the pool (a pool whose
+     * size is a multiple of 5 would repeat pages: choose shapes that avoid it) */
     int64_t next = 0;
     for (int b = 0; b < c->nseq && P; b++)
         for (int64_t pg = 0; pg < (c->sk[b] + P - 1) / P; pg++, next++)
@@ -306,6 +309,15 @@ int main(void)
         {"paged decode g4", 3, {1, 1, 1}, {700, 5, 64}, 8, 2, 72, 72, 1, -1, -1, 0, 0, 0, 16, 0},
         {"paged prefill g4", 3, {20, 2, 64}, {700, 5, 64}, 8, 2, 72, 72, 1, -1, -1, 0, 0, 0, 16, 0},
         {"paged s1", 1, {1}, {1}, 2, 1, 112, 112, 1, -1, -1, 0, 0, 0, 16, 0},
+        /* shapes the amx path takes (head dims multiples of 32, dv of 16):
+         * even and uneven key rows (pages of 16 and of 6), a 16-dim value
+         * tail, a wide query group, hidden NaN */
+        {"tiles causal gqa4 d128", 1, {150}, {150}, 8, 2, 128, 128, 1, -1, -1, 0, 0, 0, 0, 0},
+        {"tiles window softcap dv48", 1, {90}, {120}, 4, 1, 64, 48, 1, 30, 0, 2.0, 0, 0, 0, 0},
+        {"tiles paged prefill p16", 2, {40, 70}, {300, 90}, 8, 2, 64, 64, 1, -1, -1, 0, 0, 0, 16, 0},
+        {"tiles paged prefill p6", 2, {33, 17}, {130, 60}, 4, 2, 64, 64, 1, -1, -1, 0, 0, 0, 6, 0},
+        {"tiles hidden nan", 1, {100}, {100}, 8, 2, 64, 64, 1, -1, -1, 0, 0, 0, 0, 30},
+        {"tiles wide group dk192 dv128", 1, {2}, {200}, 32, 1, 192, 128, 1, -1, -1, 0, 0, 0, 0, 0},
     };
     const int kinds[][2] = {   /* (kv storage, q dtype) */
         {CPA_F32, CPA_F32}, {CPA_F64, CPA_F64}, {CPA_F16, CPA_F16}, {CPA_BF16, CPA_BF16},

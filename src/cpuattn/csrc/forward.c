@@ -95,7 +95,7 @@ static inline void cpa_prefetch_bytes(const void *p, int64_t bytes)
 
 typedef struct {
     size_t qt, st, ot, m, l, alpha, lo, hi, krow, vrow, kc, vc, zero, fix, vraw, kraw, vsraw, ksraw, vfix,
-        pp, apos, aslope, total;
+        pp, vt, apos, aslope, total;
 } cpa_tiled_layout;
 
 typedef struct {
@@ -129,6 +129,7 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->ksraw = cpa_take(&at, CPA_BK * sizeof(void *));
     L->vfix = cpa_take(&at, CPA_BK * sizeof(void *));
     L->pp = cpa_take(&at, (size_t)(CPA_BK / 2 * mp) * 4);   /* P as bf16 pairs (avx512bf16) */
+    L->vt = cpa_take(&at, (size_t)(dv * CPA_BK / 2) * 4);   /* V^T as key pairs (amx) */
     L->apos = cpa_take(&at, (size_t)mp * tsize);     /* ALiBi: each lane's position, slope */
     L->aslope = cpa_take(&at, (size_t)mp * tsize);
     L->total = at;
@@ -261,11 +262,16 @@ cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     const int q64 = a->q_dtype == CPA_F64;
     if ((a->k_dtype == CPA_F64) != q64 || (a->v_dtype == CPA_F64) != q64)
         return 0;   /* float64 compute needs float64 everywhere */
+    const int all_bf16 = a->q_dtype == CPA_BF16 && a->k_dtype == CPA_BF16 && a->v_dtype == CPA_BF16;
+#if CPA_HAVE_AMX_TARGET
+    /* tiles take K rows 32 elements at a time and give 16-dim output tiles */
+    if (isa == CPA_ISA_AMX && !(all_bf16 && a->head_dim_qk % 32 == 0 && a->head_dim_v % 16 == 0))
+        isa = cpa_isa_fallback(isa);
+#endif
 #if CPA_HAVE_BF16_TARGET
     /* the bf16-pair products need Q, K and V in bfloat16 (rounding a
      * float32 Q to bf16 would lose precision the caller asked for) */
-    if (isa == CPA_ISA_AVX512BF16 &&
-        !(a->q_dtype == CPA_BF16 && a->k_dtype == CPA_BF16 && a->v_dtype == CPA_BF16))
+    if (isa == CPA_ISA_AVX512BF16 && !all_bf16)
         isa = cpa_isa_fallback(isa);
 #endif
     /* a path without its own kernel for this compute type takes its fallback's */

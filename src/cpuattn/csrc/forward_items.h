@@ -106,6 +106,9 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
     for (int64_t i = 0; i < CPA_BK_PAD; i++) krow[i] = zero;
 
     const T cap = (T)a->softcap;
+#if CPA_HAS_AMX
+    TN(amx_begin)();
+#endif
     for (int64_t j0 = it->key_lo - it->key_lo % CPA_BK; j0 <= it->key_hi; j0 += CPA_BK) {
         const int64_t jhi = cpa_min(j0 + CPA_BK - 1, it->key_hi), n = jhi - j0 + 1;
         const int full = (j0 >= ilo && jhi <= ihi);
@@ -132,6 +135,10 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         for (int64_t i = n; i < CPA_BK_PAD; i++) krow[i] = zero;
 
         /* S^T = K Q^T: key rows x query lanes */
+#if CPA_HAS_AMX
+        TN(amx_scores)(Dk, cpa_roundup(n, 32), (const uint16_t *const *)krow, (uint16_t *)kc, QP, Mp,
+                       ST, (T)a->scale);
+#else
         const int64_t nkp = cpa_roundup(n, MR);
         for (int64_t i0 = 0; i0 < nkp; i0 += MR)
             for (int64_t c = 0; c < Mp; c += NVL)
@@ -140,6 +147,7 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
                                  ST + i0 * Mp + c, Mp, (T)a->scale);
 #else
                 TN(mk_rows)(Dk, krow + i0, QT + c, Mp, ST + i0 * Mp + c, Mp);
+#endif
 #endif
 
         /* softcap first, then the mask (a capped -inf would become finite) */
@@ -215,7 +223,10 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
             }
 
         /* O^T += V^T P^T */
-#if CPA_HAS_DPBF16
+#if CPA_HAS_AMX
+        TN(amx_values)(n, (const uint16_t *const *)vrow, Dv, (const uint16_t *)zero, ST, Mp,
+                       (uint32_t *)vc, (uint32_t *)(scratch + L.vt), (uint32_t *)(scratch + L.pp), OT);
+#elif CPA_HAS_DPBF16
         /* on bf16 pairs of keys: P is rounded to bf16 (relative error <= 2^-9
          * per weight, unbiased; l keeps the fp32 sum), V is bf16 already */
         uint32_t *VP = (uint32_t *)vc, *PP = (uint32_t *)(scratch + L.pp);
@@ -245,6 +256,9 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
         }
     }
 
+#if CPA_HAS_AMX
+    TN(amx_end)();
+#endif
     for (int64_t r = 0; r < M; r++) {
         if (it->slot < 0) {
             RN_CALL(store_row)(a, b, t0 + r / g, kvh * g + r % g, OT + r, Mp, m[r], l[r]);

@@ -3,6 +3,9 @@
 #ifndef CPA_HAS_DPBF16
 #define CPA_HAS_DPBF16 0
 #endif
+#ifndef CPA_HAS_AMX
+#define CPA_HAS_AMX 0
+#endif
 #ifndef CPA_REGION_BF16_ONLY
 #define CPA_REGION_BF16_ONLY 0
 #endif
@@ -35,6 +38,7 @@ _Pragma("GCC pop_options")
 #undef NV
 #undef CPA_HAS_F16C
 #undef CPA_HAS_DPBF16
+#undef CPA_HAS_AMX
 #undef CPA_REGION_BF16_ONLY
 #undef CPA_ISA_TARGET
 #undef CPA_STR_

@@ -11,6 +11,30 @@
 
 #if CPA_X86
 #include <cpuid.h>
+#endif
+#if CPA_HAVE_AMX_TARGET && !defined(CPA_AMX_EMULATE)
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#if CPA_HAVE_AMX_TARGET && !defined(CPA_AMX_EMULATE)
+/* Linux hands the AMX tile data state (8 KB per thread) only to processes
+ * that ask for it; a tile instruction before that raises SIGILL. Asked once
+ * per process (the grant covers every thread, and a forked child inherits
+ * it); pthread_once makes concurrent first calls safe. */
+#define CPA_ARCH_REQ_XCOMP_PERM 0x1023
+#define CPA_XFEATURE_XTILEDATA 18
+static pthread_once_t cpa_amx_once = PTHREAD_ONCE_INIT;
+static int cpa_amx_granted;
+
+static void cpa_amx_request(void)
+{
+    cpa_amx_granted = syscall(SYS_arch_prctl, CPA_ARCH_REQ_XCOMP_PERM, CPA_XFEATURE_XTILEDATA) == 0;
+}
+#endif
+
+#if CPA_X86
 
 static unsigned long long xgetbv0(void)
 {
@@ -43,12 +67,28 @@ int cpa_cpu_features(void)
         avx512vl = (b >> 31) & 1;
     if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6)
         f |= CPA_FEAT_AVX512;
+    /* leaf 7 sub-leaf 0, EDX bits 22 and 24: AMX-BF16 and AMX-TILE; their
+     * state (XCR0 bits 17, 18: tile config and data) must be OS-enabled */
+    const int amx = ((d >> 22) & 1) && ((d >> 24) & 1) && (xcr0 & 0x60000) == 0x60000;
     /* leaf 7 sub-leaf 1, EAX bit 5: AVX512_BF16 (no extra OS state) */
     if (max_subleaf >= 1) {
         __cpuid_count(7, 1, a, b, c, d);
         if ((a >> 5) & 1)
             f |= CPA_FEAT_AVX512BF16;
     }
+#if CPA_HAVE_AMX_TARGET && defined(CPA_AMX_EMULATE)
+    (void)amx;
+    if (f & CPA_FEAT_AVX512BF16)
+        f |= CPA_FEAT_AMX;
+#elif CPA_HAVE_AMX_TARGET
+    if (amx) {
+        pthread_once(&cpa_amx_once, cpa_amx_request);
+        if (cpa_amx_granted)
+            f |= CPA_FEAT_AMX;
+    }
+#else
+    (void)amx;
+#endif
 #endif
     return f;
 }

@@ -23,8 +23,20 @@
 enum {
     CPA_FEAT_AVX2 = 1 << 0,      /* AVX2 + FMA + F16C, YMM state */
     CPA_FEAT_AVX512 = 1 << 1,    /* AVX-512 F/DQ/BW/VL, opmask and ZMM state */
-    CPA_FEAT_AVX512BF16 = 1 << 2 /* AVX512_BF16 (vdpbf16ps) */
+    CPA_FEAT_AVX512BF16 = 1 << 2, /* AVX512_BF16 (vdpbf16ps) */
+    CPA_FEAT_AMX = 1 << 3         /* AMX-TILE + AMX-BF16, tile state in XCR0, and
+                                   * (Linux) the process's permission to use it */
 };
+
+/* The AMX path: x86-64 Linux only (the OS must grant the tile state to the
+ * process, and only Linux's arch_prctl request is implemented), with the
+ * avx512bf16 region it builds on. CPA_AMX_EMULATE (development and the
+ * native check only) runs the tile instructions as C on any AVX512_BF16 CPU. */
+#if CPA_HAVE_BF16_TARGET && (defined(__linux__) || defined(CPA_AMX_EMULATE))
+#define CPA_HAVE_AMX_TARGET 1
+#else
+#define CPA_HAVE_AMX_TARGET 0
+#endif
 
 /* The SIMD paths, in order of preference (a later supported one is faster):
  * X(ENUM, tag, name, features it needs, path whose kernels fill in for ones
@@ -46,7 +58,14 @@ enum {
 #else
 #define CPA_ISAS_BF16(X)
 #endif
-#define CPA_ISAS(X) CPA_ISAS_BASE(X) CPA_ISAS_X86(X) CPA_ISAS_BF16(X)
+#if CPA_HAVE_AMX_TARGET
+#define CPA_ISAS_AMX(X)                                                               \
+    X(CPA_ISA_AMX, amx, "amx",                                                        \
+      CPA_FEAT_AVX2 | CPA_FEAT_AVX512 | CPA_FEAT_AVX512BF16 | CPA_FEAT_AMX, CPA_ISA_AVX512BF16)
+#else
+#define CPA_ISAS_AMX(X)
+#endif
+#define CPA_ISAS(X) CPA_ISAS_BASE(X) CPA_ISAS_X86(X) CPA_ISAS_BF16(X) CPA_ISAS_AMX(X)
 
 #define CPA_ISA_ENUM_(e, tag, name, feats, fallback) e,
 enum cpa_isa { CPA_ISAS(CPA_ISA_ENUM_) CPA_ISA_COUNT };
@@ -62,7 +81,7 @@ int cpa_isa_best(void);
  * scalar path). */
 int cpa_isa_fallback(int isa);
 /* Name of a path: "scalar" (baseline: SSE2 on x86-64, NEON on aarch64),
- * "avx2", "avx512", "avx512bf16"; NULL outside the list. */
+ * "avx2", "avx512", "avx512bf16", "amx"; NULL outside the list. */
 const char *cpa_isa_name(int isa);
 
 int cpa_openmp_enabled(void);

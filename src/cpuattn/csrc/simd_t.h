@@ -417,4 +417,7 @@ static inline void TN(pack_row_pairs)(const uint16_t *const *rows, int64_t n, in
         for (; d < D; d++) o[d] = r0[d] | (uint32_t)r1[d] << 16;
     }
 }
+#if CPA_HAS_AMX
+#include "amx_t.h"
+#endif
 #endif
