@@ -47,13 +47,13 @@ def assert_lse(lse, ref_lse, dtype=np.float32):
     np.testing.assert_allclose(lse[seen], ref_lse[seen], **tol(dtype))
 
 
-def require_tools(*names):
-    """Skip a cross check whose tools (qemu-user, a cross compiler) are not
-    installed; under CPUATTN_REQUIRE_CROSS=1 (CI installs them) fail instead."""
+def require_tools(*names, packages="qemu-user gcc-aarch64-linux-gnu"):
+    """Skip a cross check whose tools (qemu-user, a cross compiler, wine) are
+    not installed; under CPUATTN_REQUIRE_CROSS=1 (CI installs them) fail
+    instead. packages: the Debian packages that bring them, for the message."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        msg = (f"{', '.join(missing)} not installed "
-               f"(apt-get install qemu-user gcc-aarch64-linux-gnu)")
+        msg = f"{', '.join(missing)} not installed (apt-get install {packages})"
         if os.environ.get("CPUATTN_REQUIRE_CROSS") == "1":
             pytest.fail(msg + ", and CPUATTN_REQUIRE_CROSS=1 requires the cross checks")
         pytest.skip(msg)

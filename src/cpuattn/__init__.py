@@ -26,15 +26,16 @@ set_num_threads = _threads.set_num_threads
 
 
 def info() -> "dict[str, Any]":
-    """Build and runtime facts: version, compiler, OpenMP, SIMD path, threads
-    and the worker pool the kernels run on."""
-    import platform
-    import sysconfig
-
+    """Build and runtime facts: version, the C compiler that built the
+    kernels, OpenMP (on/off) and its runtime (spec date, library file), SIMD
+    path, threads and the worker pool the kernels run on."""
+    build = _threads.build_info()
     return {
         "version": __version__,
-        "compiler": platform.python_compiler() + " / " + (sysconfig.get_config_var("CC") or "cc"),
+        "compiler": build["compiler"],
         "openmp": _threads.openmp_enabled(),
+        "openmp_version": build["openmp_version"],
+        "openmp_library": build["openmp_library"],
         "simd": _threads.get_isa(),
         "simd_supported": _threads.supported_isas(),
         "num_threads": get_num_threads(),

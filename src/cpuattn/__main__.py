@@ -19,8 +19,10 @@ def format_info(info, runtimes):
     rows = [
         ("version", info["version"]),
         ("compiler", info["compiler"]),
-        ("OpenMP", ("on (thread limit only)" if info["openmp"] else "off (serial kernels)")),
-        ("OpenMP runtime", rt if info["openmp"] else "-"),
+        ("OpenMP", (f"on, {info['openmp_version']} (thread limit only)" if info["openmp"]
+                    else "off (thread limit from OMP_NUM_THREADS only)")),
+        ("OpenMP library", info["openmp_library"] or "-"),
+        ("OpenMP runtimes", rt),
         ("thread pool", "{kind}: {workers} workers, spin {spin_us} us".format(**info["thread_pool"])),
         ("SIMD path", info["simd"]),
         ("supported paths", ", ".join(info["simd_supported"])),

@@ -19,6 +19,11 @@ from ._engine cimport (CPA_ISA_COUNT, CPA_SPIN_US, CPA_YIELD_US, cpa_isa_best, c
                        cpa_isa_supported, cpa_omp_max_threads, cpa_openmp_enabled,
                        cpa_parallel_for, cpa_thread_scratch, cpa_workers_count)
 
+cdef extern from "portable.h":
+    const char *CPA_COMPILER
+    int CPA_OPENMP_VERSION
+    const char *cpa_openmp_library()
+
 cdef int _cap = 1
 cdef int _isa = 0
 
@@ -123,6 +128,15 @@ def set_num_threads(n):
 
 def openmp_enabled():
     return bool(cpa_openmp_enabled())
+
+
+def build_info():
+    """The C compiler that built the engine, and the OpenMP runtime it reads
+    its thread limit from: the spec date (``_OPENMP``, 0 without OpenMP) and
+    the library file (None when unknown or without OpenMP)."""
+    lib = cpa_openmp_library().decode(errors="replace")
+    return {"compiler": CPA_COMPILER.decode(errors="replace").strip(),
+            "openmp_version": CPA_OPENMP_VERSION, "openmp_library": lib or None}
 
 
 def isa_names():

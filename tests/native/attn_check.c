@@ -228,7 +228,9 @@ static int run_case(const tcase *c, int isa)
     size_t sb = cpa_fwd_scratch_bytes(&a, cpa_fwd_uses_tiled(&a));
     if (sb < (size_t)((max_split + Dv) * 8 + 64)) sb = (size_t)((max_split + Dv) * 8 + 64);
     sb = (sb + 63) / 64 * 64;
-    char *scratch = aligned_alloc(64, sb);
+    /* malloc + manual alignment: the Windows C runtime has no aligned_alloc */
+    char *scratch_raw = malloc(sb + 64);
+    char *scratch = (char *)(((uintptr_t)scratch_raw + 63) & ~(uintptr_t)63);
     char *partials = malloc(ns * cpa_fwd_slot_bytes(&a) + 8);
     memset(scratch, 0xff, sb);   /* NaN everywhere: the kernels must not rely on zeroed scratch */
     for (int64_t i = 0; i < ni; i++) kernel(&a, &items[i], scratch, partials);
@@ -288,7 +290,7 @@ static int run_case(const tcase *c, int isa)
            worst_lse, bad ? " (NaN/-inf/zero rows wrong)" : "");
     free(q); free(k); free(v); free(out); free(lse); free(bt); free(kref); free(vref); free(sc);
     free(kq.codes); free(kq.scales); free(vq.codes); free(vq.scales);
-    free(items); free(merges); free(scratch); free(partials);
+    free(items); free(merges); free(scratch_raw); free(partials);
     return fail;
 }
 

@@ -3,6 +3,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#else
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #endif
 
 #if CPA_X86
@@ -152,6 +156,17 @@ int cpa_omp_max_threads(void)
 #ifdef _OPENMP
     return omp_get_max_threads();
 #else
-    return 1;
+    /* No runtime to ask (Apple clang without libomp, CPUATTN_NO_OPENMP): the
+     * kernels still run on the worker pool; OMP_NUM_THREADS limits them as
+     * a runtime would (its first entry, read once), else nothing does. */
+    static _Atomic int limit;   /* 0: not read yet */
+    int n = atomic_load_explicit(&limit, memory_order_relaxed);
+    if (n == 0) {
+        const char *s = getenv("OMP_NUM_THREADS");
+        const long v = s ? strtol(s, NULL, 10) : 0;
+        n = v >= 1 && v <= INT_MAX ? (int)v : INT_MAX;
+        atomic_store_explicit(&limit, n, memory_order_relaxed);
+    }
+    return n;
 #endif
 }

@@ -11,11 +11,11 @@
  * never touches a finished job, and the caller never waits for a worker
  * that did not claim anything. Idle workers wait for the count of posted
  * jobs to change. */
+#include "portable.h"   /* first: see there */
 #include "workers.h"
 
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -209,12 +209,11 @@ static int grow(int nthreads)
     int have = atomic_load(&P.workers);
     while (have < nthreads - 1) {
         /* workers block every signal: they belong to the threads that run Python */
-        sigset_t all, old;
+        cpa_sigmask old;
         pthread_t t;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
+        cpa_block_signals(&old);
         int rc = pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(have + 1));
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        cpa_restore_signals(&old);
         if (rc != 0)
             break;
         pthread_detach(t);
