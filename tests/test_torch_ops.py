@@ -154,6 +154,29 @@ def test_dynamic_shapes_and_errors_under_compile():
         f(torch.randn(1, 5, 3, 8), torch.randn(1, 5, 2, 8), 1.0)
 
 
+def test_eager_shortcut_keeps_the_op_visible():
+    """Eager calls without gradients run the implementation directly; a
+    dispatch mode (a tracer, FlopCounterMode) or an input that requires grad
+    still goes through the op, with the same bytes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, _ = (t.detach() for t in inputs(torch.float32))
+    seen = []
+    plain = ct.attention(q, k, v, causal=True)
+    with Log():
+        logged = ct.attention(q, k, v, causal=True)
+    assert "cpuattn.attention.default" in seen
+    graded = ct.attention(q.requires_grad_(), k, v, causal=True)
+    assert graded.grad_fn is not None
+    for t in (logged, graded):
+        np.testing.assert_array_equal(t.detach().numpy(), plain.numpy())
+
+
 def test_lse_output_is_not_differentiable():
     q, k, v, _ = inputs(torch.float32)
     out, lse = ct.attention(q, k, v, causal=True, return_lse=True)
