@@ -22,7 +22,7 @@ fullgraph=True)`` traces through :func:`attention` and
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def _check_cpu_tensor(t: Tensor, name: str) -> Tensor:
     return t.detach()
 
 
-def _ml_dtype(name: str, what: str):
+def _ml_dtype(name: str, what: str) -> Any:
     try:
         import ml_dtypes
     except ImportError:
@@ -75,11 +75,9 @@ def _to_torch(a: Array) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def _plain_numpy(t: Tensor | None, name: str) -> Array | None:
-    """Zero-copy numpy view of an index, mask or scale tensor (None stays
-    None); cpuattn checks its dtype and values."""
-    if t is None:
-        return None
+def _plain_numpy(t: Tensor, name: str) -> Array:
+    """Zero-copy numpy view of an index, mask or scale tensor; cpuattn checks
+    its dtype and values."""
     t = _check_cpu_tensor(t, name)
     if t.dtype == torch.bfloat16 or t.dtype in _FLOAT8 or t.is_complex():
         raise DTypeError(f"{name}: expected an integer, bool or float32/float16 tensor, "
@@ -150,7 +148,7 @@ def _require_tensors(**named: Tensor) -> None:
             raise DTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
-def _as_head_tensor(x, name: str) -> Tensor | None:
+def _as_head_tensor(x: Any, name: str) -> Tensor | None:
     """A per-head vector given as a tensor, or as any array-like (a numpy
     array, a list), as a tensor for the op's schema."""
     if x is None or isinstance(x, torch.Tensor):
@@ -213,9 +211,9 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         _to_numpy(out, "out"), _plain_numpy(lse, "lse"), causal=causal, scale=scale,
         window=(window_left, window_right), softcap=softcap,
         sinks=_head_vector(sinks, "sinks"), alibi_slopes=_head_vector(alibi_slopes, "alibi_slopes"))
-    dsinks = torch.from_numpy(grads[3]) if sinks is not None else \
-        torch.empty(0, dtype=_lse_dtype(q.dtype))
-    return _to_torch(grads[0]), _to_torch(grads[1]), _to_torch(grads[2]), dsinks
+    dq, dk, dv, *dsinks = grads
+    return (_to_torch(dq), _to_torch(dk), _to_torch(dv),
+            torch.from_numpy(dsinks[0]) if dsinks else torch.empty(0, dtype=_lse_dtype(q.dtype)))
 
 
 @_attention_backward_op.register_fake
@@ -306,14 +304,16 @@ def _paged_attention_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tab
                         tree_mask: Optional[Tensor], causal: bool, scale: Optional[float],
                         window_left: int, window_right: int, softcap: float
                         ) -> tuple[Tensor, Tensor]:
+    optional = {name: None if t is None else _plain_numpy(t, name)
+                for name, t in (("cu_seqlens_q", cu_seqlens_q), ("tree_mask", tree_mask))}
     out, lse = _paged.paged_attention(
         _to_numpy(q, "q"), _pages_to_numpy(k_pages, "k_pages"),
         _pages_to_numpy(v_pages, "v_pages"), _plain_numpy(block_table, "block_table"),
-        _plain_numpy(seq_lens, "seq_lens"), cu_seqlens_q=_plain_numpy(cu_seqlens_q, "cu_seqlens_q"),
-        causal=causal, scale=scale, window=(window_left, window_right), softcap=softcap,
+        _plain_numpy(seq_lens, "seq_lens"), causal=causal, scale=scale,
+        window=(window_left, window_right), softcap=softcap,
         k_scale=_scale_arg(k_scale, "k_scale"), v_scale=_scale_arg(v_scale, "v_scale"),
         sinks=_head_vector(sinks, "sinks"), alibi_slopes=_head_vector(alibi_slopes, "alibi_slopes"),
-        tree_mask=_plain_numpy(tree_mask, "tree_mask"), return_lse=True)
+        return_lse=True, **optional)
     return _to_torch(out), torch.from_numpy(lse)
 
 
@@ -321,10 +321,12 @@ _paged_attention_op = torch.library.custom_op("cpuattn::paged_attention", _paged
                                               mutates_args=(), device_types="cpu")
 
 
-def _scale_arg(t: Tensor | None, name: str):
+def _scale_arg(t: Tensor | None, name: str) -> Array | float | None:
     """A page scale tensor as cpuattn takes it: a 0-d tensor is the per-tensor
     float of fp8 pages (vLLM's k_scale), anything else the scale array."""
-    if t is not None and isinstance(t, torch.Tensor) and t.dim() == 0:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor) and t.dim() == 0:
         return float(_check_cpu_tensor(t, name))
     return _plain_numpy(t, name)
 
@@ -345,7 +347,7 @@ def _paged_attention_fake(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens
     return (q.new_empty((tokens, h, dv)), q.new_empty((h, tokens), dtype=_lse_dtype(q.dtype)))
 
 
-def _as_scale_tensor(x, name: str) -> Tensor | None:
+def _as_scale_tensor(x: Any, name: str) -> Tensor | None:
     """A page scale as the op takes it: a Python float becomes a 0-d tensor."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return torch.tensor(float(x), dtype=torch.float64)
