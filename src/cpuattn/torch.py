@@ -130,8 +130,9 @@ def _direct(*tensors: Tensor | None) -> bool:
     needs a gradient, the tensors are plain (no fake or functional tensor
     subclass) and no torch function or dispatch mode (a tracer,
     FlopCounterMode) must see the op. It skips the dispatcher's Python
-    layers, which cost more than the kernel of a small decode call (about
-    40 us of 70 here); the bytes are the same, as it is the same function."""
+    layers, which cost more than the kernel of a small decode call (fastest
+    of 9 rounds, B1 H8:2 ctx128 D64: 46 us a call direct, 74 us through the
+    dispatcher); the bytes are the same, as it is the same function."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
             or torch._C._is_torch_function_mode_enabled():
         return False
