@@ -3,6 +3,8 @@ backward against eager and a float64 reference, torch.library.opcheck, dtypes,
 GQA, the lse output, the paged op, bad input, zero-copy crossing."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("ml_dtypes")
@@ -10,20 +12,20 @@ pytest.importorskip("ml_dtypes")
 import cpuattn  # noqa: E402
 import cpuattn.torch as ct  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
-from conftest import make_pages, ref_paged, tol  # noqa: E402
+from conftest import make_pages, ref_paged, thread_cap, tol  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # gradients of fp16/bf16 inputs are rounded to their dtype: compare loosely
 GRAD_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 6e-2}
 
 
-def reference(q, k, v, sinks=None, causal=False, softcap=0.0, window=(-1, -1)):
+def reference(q, k, v, sinks=None, causal=False, softcap=0.0, window=(-1, -1), scale=None):
     """Attention in float64 torch ops (autograd gives the reference gradients):
     token-major (B, S, H, D), GQA, bottom-right causal mask, window, softcap, sinks."""
     q, k, v = (t.double() for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     sq, sk = q.shape[1], k.shape[1]
@@ -34,6 +36,7 @@ def reference(q, k, v, sinks=None, causal=False, softcap=0.0, window=(-1, -1)):
         p = torch.softmax(torch.cat([s, col], -1), -1)[..., :-1]
     else:
         p = torch.softmax(s, -1)
+    p = torch.nan_to_num(p, nan=0.0)      # a row that sees no key gives 0
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
@@ -82,6 +85,48 @@ def test_compiled_matches_eager_and_reference(dtype):
         err = (g.double() - r.grad).abs().max() / r.grad.abs().max()
         assert err < GRAD_TOL[dtype], (dtype, float(err))
     assert [g.dtype for g in eager[2]] == [a.dtype for a in args]
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 2), sq=st.integers(1, 7), sk=st.integers(1, 9), hkv=st.integers(1, 2),
+       group=st.integers(1, 3), d=st.sampled_from([1, 3, 8, 17]),
+       causal=st.booleans(), window=st.sampled_from([(-1, -1), (2, 0), (0, 3), (1, 1)]),
+       softcap=st.sampled_from([0.0, 2.5]), scale=st.sampled_from([None, 0.3]),
+       use_sinks=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_forward_backward_against_float64(b, sq, sk, hkv, group, d, causal, window, softcap,
+                                               scale, use_sinks, seed):
+    """The op's forward and gradients (float32, through autograd) against the
+    float64 reference for awkward shapes and every option combination."""
+    gen = torch.Generator().manual_seed(seed)
+    h = hkv * group
+    q, k, v = (torch.randn(b, s, n, d, generator=gen, requires_grad=True)
+               for s, n in ((sq, h), (sk, hkv), (sk, hkv)))
+    sinks = torch.randn(h, generator=gen, requires_grad=True) if use_sinks else None
+    opts = dict(causal=causal, window=window, softcap=softcap, scale=scale)
+    out = ct.attention(q, k, v, sinks=sinks, **opts)
+    dout = torch.randn(out.shape, generator=gen)
+    leaves = [q, k, v] + ([sinks] if use_sinks else [])
+    got = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference(*ref_leaves[:3], sinks=ref_leaves[3] if use_sinks else None, **opts)
+    want = torch.autograd.grad(ref, ref_leaves, dout.double())
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), atol=2e-5, rtol=2e-5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_thread_count_does_not_change_the_bytes():
+    args = inputs(torch.float32, b=2, sq=33, sk=70, h=8, hkv=2, d=32)
+    runs = []
+    old = thread_cap()
+    for n in (1, 2):
+        cpuattn.set_num_threads(n)
+        try:
+            runs.append(grads_of(loss_fn, args))
+        finally:
+            cpuattn.set_num_threads(old)
+    for a, b in zip((runs[0][0], runs[0][1], *runs[0][2]), (runs[1][0], runs[1][1], *runs[1][2])):
+        assert torch.equal(a, b)
 
 
 def test_inductor_fullgraph_forward_backward():
