@@ -69,3 +69,30 @@ def test_local_run_stops_at_its_deadline(tp):
     args = tp.parser().parse_args([])
     with pytest.raises(TimeoutError, match="did not finish"):
         tp.run_local(2, args, timeout=0.5)
+
+
+def test_only_the_split_sums_differ(tp):
+    """Why the ranks' result is not bitwise the single process's: each rank's
+    projections and attention heads are bitwise the single process's slices
+    (BLAS computes a column slice alike, cpuattn's heads are independent);
+    only the sum of o @ wo over the ranks' halves rounds differently."""
+    import cpuattn
+    from threadpoolctl import threadpool_limits
+    model, _ = tp.build(tp.parser().parse_args([]))
+    full = tp.ShardedLlama(model, 0, 1).layers[0]
+    parts = [tp.ShardedLlama(model, r, 2).layers[0] for r in range(2)]
+    x = np.random.default_rng(0).standard_normal((3, 5, full.d_model)).astype(np.float32)
+    d, hs = full.head_dim, parts[0].num_heads
+    with threadpool_limits(1, user_api="blas"):
+        q, k, v = (x @ w for w in (full.wq, full.wk, full.wv))
+        for r, p in enumerate(parts):
+            np.testing.assert_array_equal(x @ p.wq, q[..., r * hs * d:(r + 1) * hs * d])
+        q, k, v = (a.reshape(3, 5, -1, d) for a in (q, k, v))
+        o = cpuattn.attention(q, k, v, causal=True)
+        ks = parts[0].num_kv_heads
+        halves = [cpuattn.attention(q[:, :, r * hs:(r + 1) * hs], k[:, :, r * ks:(r + 1) * ks],
+                                    v[:, :, r * ks:(r + 1) * ks], causal=True) for r in range(2)]
+        np.testing.assert_array_equal(np.concatenate(halves, 2), o)
+        y = o.reshape(3, 5, -1) @ full.wo
+        y2 = sum(h.reshape(3, 5, -1) @ p.wo for h, p in zip(halves, parts))
+    np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-5)
