@@ -330,6 +330,12 @@ def test_paged_low_bit_pages_and_opcheck():
         got = ct.paged_attention(torch.from_numpy(q), kt, vt, torch.from_numpy(table),
                                  torch.from_numpy(lens), **tscales)
         np.testing.assert_array_equal(got.numpy(), want)
+    # the float scale (a 0-d tensor inside the op) traces too
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, t, n: ct.paged_attention(q, k, v, t, n, **tscales),
+                      fullgraph=True, backend="aot_eager")
+    got = f(torch.from_numpy(q), kt, vt, torch.from_numpy(table), torch.from_numpy(lens))
+    np.testing.assert_array_equal(got.numpy(), want)
     args = [torch.from_numpy(a) for a in (q, kp, vp, table, lens)]
     torch.library.opcheck(torch.ops.cpuattn.paged_attention.default,
                           (*args, None, None, None, None, None, None, True, None, -1, -1, 0.0))

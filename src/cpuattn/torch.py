@@ -175,9 +175,9 @@ def _check_fake_dense(q: Tensor, k: Tensor, v: Tensor) -> None:
 # ---- dense attention: forward and backward ops ----
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
-                  alibi_slopes: Optional[Tensor], causal: bool, scale: Optional[float],
-                  window_left: int, window_right: int, softcap: float
-                  ) -> tuple[Tensor, Tensor]:
+                    alibi_slopes: Optional[Tensor], causal: bool, scale: Optional[float],
+                    window_left: int, window_right: int, softcap: float
+                    ) -> tuple[Tensor, Tensor]:
     out, lse = _dense.attention(
         _to_numpy(q, "q"), _to_numpy(k, "k"), _to_numpy(v, "v"), causal=causal, scale=scale,
         window=(window_left, window_right), softcap=softcap,
@@ -233,8 +233,9 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, sinks, alibi_slopes)
     ctx.opts = opts
-    # the engine's backward has no lse gradient: lse comes out as a constant
-    # (as flash-attn's softmax_lse), so using it in a loss is not silently wrong
+    # the engine's backward takes no lse gradient: lse comes out as a constant
+    # (requires_grad False, as flash-attn's softmax_lse) rather than with a
+    # gradient path that would drop its share
     ctx.mark_non_differentiable(lse)
 
 
