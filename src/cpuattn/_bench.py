@@ -232,6 +232,11 @@ CASES = [
     Case("decode_step_32layers_b8_ctx2048_plain", "decode", 8, 32, 8, 128, 2048,
          dtype="float32", call="step_plain", layers=32,
          note="the same step as 32 paged_attention calls, timed as one"),
+    # cpuattn.torch.attention's custom op called eagerly and from a
+    # torch.compile(fullgraph=True) graph, SDPA called the same way
+    *[Case(f"torch_op_call_{mode}", "prefill", 1, 8, 2, 64, 16, True, "float32", call=call,
+           note=f"cpuattn.torch.attention {mode} (tiny prefill): the torch op's call cost")
+      for mode, call in (("eager", "torch_op"), ("compiled", "torch_op_compiled"))],
     Case("backward_causal_s1024_fp32", "backward", 1, 16, 16, 64, 1024, True, "float32",
          note="dense backward (dq, dk, dv)"),
 ]
@@ -336,8 +341,38 @@ def _features(c, rng):
     return {}
 
 
+def _build_torch_op(c, q, k, v, torch):
+    """The case through cpuattn.torch.attention, eager or compiled
+    (fullgraph, default backend; compiled in the untimed warm-up call),
+    against SDPA called the same way: the cost of the call around the op."""
+    if torch is None:
+        raise Skip("unavailable: torch is not installed")
+    import cpuattn.torch as ct
+
+    def ours(q, k, v):
+        return ct.attention(q, k, v, causal=c.causal)
+
+    def sdpa(q, k, v):
+        return _sdpa(torch, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                     c.causal).transpose(1, 2)
+    if c.call == "torch_op_compiled":
+        ours, sdpa = torch.compile(ours, fullgraph=True), torch.compile(sdpa, fullgraph=True)
+    tq, tk, tv = (_to_torch(torch, x) for x in (q, k, v))
+
+    def timed(fn):
+        def run():
+            with torch.inference_mode():
+                return fn(tq, tk, tv)
+        return run, _from_torch
+    return {"cpuattn": timed(ours), "torch_sdpa": timed(sdpa),
+            "torch_paged": Skip("n/a: dense case"),
+            "reference": (lambda: cpuattn.reference_attention(q, k, v, causal=c.causal), _f64)}
+
+
 def _build_prefill(c, rng, torch):
     q, k, v = _dense_qkv(c, rng)
+    if c.call.startswith("torch_op"):
+        return _build_torch_op(c, q, k, v, torch)
     f = _features(c, rng)
     impls = {"cpuattn": (lambda: cpuattn.attention(q, k, v, causal=c.causal, **f), _f64)}
     if f:
