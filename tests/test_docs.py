@@ -5,7 +5,9 @@ Convention for Markdown (README.md, docs/*.md except the generated API.md): a
 fenced block opened with exactly ```python runs; blocks of one file run in
 order in one namespace (a guide builds on its earlier blocks), like one
 doctest session. A block whose first line is ``# not run`` (say why after it)
-is skipped; any other fence (```text, ```bash, an indented block) is not code
+is skipped, and one whose first line is ``# needs: torch, transformers``
+runs only where those modules import (CI has them; the wheel tests may
+not); any other fence (```text, ```bash, an indented block) is not code
 to run. Docstrings: ``>>>`` examples run as doctests with ``np`` and
 ``cpuattn`` imported.
 """
@@ -31,6 +33,7 @@ import api_docs  # noqa: E402  (tools/ is not a package)
 MARKDOWN = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "API.md")
 FENCE_OPEN = re.compile(r"^```python\s*$")
 NOT_RUN = "# not run"
+NEEDS = re.compile(r"^# needs: *(.+)$")
 
 
 def python_blocks(path: Path) -> list[tuple[int, str]]:
@@ -96,14 +99,36 @@ def test_python_blocks_parser(tmp_path):
         python_blocks(md)
 
 
-@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
-def test_markdown_examples_run(path):
+def run_markdown(path: Path) -> dict:
+    """Run the runnable blocks of ``path`` in order in one namespace; return it."""
     ns: dict = {"__name__": f"__{path.stem}_examples__"}
     for lineno, code in python_blocks(path):
-        if code.lstrip().startswith(NOT_RUN):
+        first = (code.lstrip().splitlines() or [""])[0]
+        if first.startswith(NOT_RUN):
             continue
+        needs = NEEDS.match(first)
+        if needs and any(importlib.util.find_spec(m.strip()) is None for m in needs.group(1).split(",")):
+            continue  # an optional dependency is missing here; CI has them all
         # Pad with newlines so a traceback names the line in the Markdown file.
-        exec(compile("\n" * (lineno - 1) + code, str(path.relative_to(ROOT)), "exec"), ns)
+        exec(compile("\n" * (lineno - 1) + code, str(path), "exec"), ns)
+    return ns
+
+
+def test_run_markdown_conventions(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("```python\nx = 1\n```\n```python\n# not run: illustration\nboom\n```\n"
+                  "```python\n# needs: no_such_module_cpuattn\nboom\n```\n"
+                  "```python\n# needs: numpy\ny = x + 1\n```\n```text\nboom\n```\n")
+    assert run_markdown(md)["y"] == 2
+    md.write_text("```python\nx = 1\n\n1 / 0\n```\n")
+    with pytest.raises(ZeroDivisionError) as err:
+        run_markdown(md)
+    assert err.traceback[-1].lineno + 1 == 4  # the line in the Markdown file (traceback is 0-based)
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_markdown_examples_run(path):
+    run_markdown(path)
 
 
 def _public_objects():
