@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import importlib
 import inspect
 import re
@@ -52,6 +53,7 @@ class _Ann(str):
         return str(self)
 
 
+@functools.lru_cache(maxsize=None)
 def _stub_defs(modname: str) -> dict[str, object]:
     """Signatures (as functions) and attribute annotations from the ``.pyi`` stub
     beside a compiled module: Cython objects carry no signature of their own."""
@@ -69,7 +71,10 @@ def _stub_defs(modname: str) -> dict[str, object]:
             elif isinstance(node, ast.FunctionDef):  # the last overload is the general one
                 node.decorator_list, node.body = [], [ast.Pass()]
                 ns: dict = {}
-                exec(compile("from __future__ import annotations\n" + ast.unparse(node), str(pyi), "exec"), ns)
+                try:
+                    exec(compile("from __future__ import annotations\n" + ast.unparse(node), str(pyi), "exec"), ns)
+                except NameError:  # a default that names something: introspect the object instead
+                    continue
                 out[prefix + node.name] = ns[node.name]
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 out[prefix + node.target.id] = _Ann(ast.unparse(node.annotation))
