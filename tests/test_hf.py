@@ -243,3 +243,135 @@ def test_no_effect_keywords_accepted():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(CpuAttnError, match="cu_seq_lens_q"):     # no mask records the packing
         cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=cu)
+
+
+# --- the one-call engine entry (cpuattn.dense._attention_ranges) -----------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from cpuattn.dense import _attention_ranges  # noqa: E402
+from conftest import tol  # noqa: E402
+
+
+def hf_layout(rng, b, s, h, d, dtype):
+    """(B, S, H, D) numpy view of a (B, H, S, D) array, as transformers hands
+    K/V over: the token axis is not the outer one."""
+    return rng.standard_normal((b, h, s, d)).astype(dtype).transpose(0, 2, 1, 3)
+
+
+def random_ranges(rng, b, sq, sk):
+    """(4, b) int64 rows q_start, k_start, q_len, k_len inside each row,
+    empty ranges included."""
+    qs = rng.integers(0, sq + 1, b)
+    ql = rng.integers(0, sq - qs + 1)
+    ks = rng.integers(0, sk + 1, b)
+    kl = rng.integers(0, sk - ks + 1)
+    return np.stack([qs, ks, ql, kl]).astype(np.int64)
+
+
+def ranges_reference(q, k, v, seqs, fill, **opts):
+    """Each batch row's ranges through the float64 reference; other rows `fill`."""
+    out = np.full(q.shape[:3] + (v.shape[-1],), fill, np.float64)
+    for b, (qs, ks, ql, kl) in enumerate(seqs.T):
+        if ql:
+            out[b, qs:qs + ql] = cpuattn.reference_attention(
+                q[b:b + 1, qs:qs + ql], k[b:b + 1, ks:ks + kl], v[b:b + 1, ks:ks + kl],
+                **opts)[0]
+    return out
+
+
+def run_ranges(q, k, v, seqs, **opts):
+    out = np.full(q.shape[:3] + (v.shape[-1],), np.nan, q.dtype)
+    assert _attention_ranges(q, k, v, seqs, out, **opts) is out
+    return out
+
+
+RANGE_OPTS = [dict(causal=True), dict(causal=False), dict(causal=True, window=(3, -1)),
+              dict(causal=True, softcap=5.0, sinks=np.array([0.5, -1.0, 2.0, 0.0])),
+              dict(causal=False, window=(2, 1), scale=0.3)]
+
+
+@pytest.mark.parametrize("opts", RANGE_OPTS, ids=range(len(RANGE_OPTS)))
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_ranges_match_reference(opts, dtype):
+    rng = np.random.default_rng(11)
+    b, sq, sk = 6, 9, 23
+    q = hf_layout(rng, b, sq, 4, 16, dtype)
+    k, v = hf_layout(rng, b, sk, 2, 16, dtype), hf_layout(rng, b, sk, 2, 16, dtype)
+    seqs = random_ranges(rng, b, sq, sk)
+    got = run_ranges(q, k, v, seqs, **opts)
+    # rows outside the ranges are untouched (NaN as filled)
+    np.testing.assert_allclose(got.astype(np.float64),
+                               ranges_reference(q, k, v, seqs, np.nan, **opts), **tol(dtype))
+
+
+@given(st.data())
+def test_ranges_fuzz(data):
+    b = data.draw(st.integers(1, 5))
+    sq, sk = data.draw(st.integers(1, 40)), data.draw(st.integers(0, 70))
+    hkv = data.draw(st.sampled_from([1, 2, 3]))
+    h = hkv * data.draw(st.sampled_from([1, 2, 4, 9]))
+    d = data.draw(st.sampled_from([8, 24, 64]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    q, k, v = (hf_layout(rng, b, n, hh, d, np.float64) for n, hh in ((sq, h), (sk, hkv), (sk, hkv)))
+    seqs = random_ranges(rng, b, sq, sk)
+    causal = data.draw(st.booleans())
+    left = data.draw(st.integers(-1, 8))
+    opts = dict(causal=causal, window=(left, -1))
+    np.testing.assert_allclose(run_ranges(q, k, v, seqs, **opts),
+                               ranges_reference(q, k, v, seqs, np.nan, **opts), **tol("float64"))
+
+
+def test_ranges_threads_and_batch_invariance(threads):
+    """Bitwise the same for any thread count, and each row equal to the
+    same ranges run alone (a batch of one)."""
+    rng = np.random.default_rng(12)
+    b, sq, sk = 5, 70, 700                  # long enough for split-KV decode items
+    q = hf_layout(rng, b, sq, 8, 64, np.float32)
+    k, v = hf_layout(rng, b, sk, 2, 64, np.float32), hf_layout(rng, b, sk, 2, 64, np.float32)
+    seqs = random_ranges(rng, b, sq, sk)
+    seqs[2, 0], seqs[0, 0] = 1, sq - 1      # one decode row
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        results.append(run_ranges(q, k, v, seqs, causal=True))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    for i in range(b):
+        alone = run_ranges(q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                           np.ascontiguousarray(seqs[:, i:i + 1]), causal=True)
+        np.testing.assert_array_equal(alone[0], results[0][i])
+
+
+def test_ranges_general_path():
+    """Inputs the C checks do not take (a non-contiguous last axis) go
+    through the general checks and give the same result; bad ones raise."""
+    rng = np.random.default_rng(13)
+    q = hf_layout(rng, 2, 3, 2, 8, np.float32)
+    k, v = hf_layout(rng, 2, 5, 1, 8, np.float32), hf_layout(rng, 2, 5, 1, 8, np.float32)
+    seqs = np.array([[1, 0], [0, 2], [2, 3], [5, 3]], np.int64)
+    want = run_ranges(q, k, v, seqs, causal=True)
+    k2 = np.asfortranarray(k)               # last axis strided: copied once by the checks
+    np.testing.assert_array_equal(run_ranges(q, k2, v, seqs, causal=True), want)
+    out = np.zeros((2, 3, 2, 8), np.float32)
+    with pytest.raises(cpuattn.DTypeError):
+        _attention_ranges(q, k.astype(np.float64), v, seqs, out, causal=True)
+    with pytest.raises(ShapeError, match="window"):
+        _attention_ranges(q, k, v, seqs, out, causal=True, window=(-2, -1))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.array([[0, 0], [0, 0], [4, 1], [1, 1]]), "batch row 0"),       # q past seq_q
+    (np.array([[0, 0], [3, 0], [1, 1], [3, 1]]), "batch row 0"),       # k past seq_k
+    (np.array([[0, -1], [0, 0], [1, 1], [1, 1]]), "batch row 1"),      # negative start
+    (np.zeros((4, 3), np.int64), "int64"),                             # wrong batch
+    (np.zeros((4, 2), np.int32), "int64"),                             # wrong dtype
+])
+def test_ranges_refuse_bad_seqs(bad, match):
+    rng = np.random.default_rng(14)
+    q = hf_layout(rng, 2, 3, 2, 8, np.float32)
+    k = v = hf_layout(rng, 2, 5, 1, 8, np.float32)
+    out = np.zeros((2, 3, 2, 8), np.float32)
+    with pytest.raises(ShapeError, match=match):
+        _attention_ranges(q, k, v, bad, out, causal=True)
+    assert not out.any()
