@@ -3,6 +3,8 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -10,31 +12,33 @@ transformers = pytest.importorskip("transformers")
 import cpuattn  # noqa: E402
 import cpuattn.integrations.hf as cpuattn_hf  # noqa: E402
 from cpuattn import CpuAttnError, ShapeError  # noqa: E402
+from cpuattn.dense import _attention_ranges  # noqa: E402
+from conftest import tol  # noqa: E402
 
 VOCAB = 128
 
 
-def twin_models(cfg):
-    """The same random model (from cfg) twice: eager and cpuattn."""
+def twin_models(cfg, ref="eager"):
+    """The same random model (from cfg) twice: `ref` ("eager" or "sdpa") and cpuattn."""
     cpuattn_hf.register()
     torch.manual_seed(0)
     # each model needs its own config: from_config writes _attn_implementation into it
     eager = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(cfg), attn_implementation="eager").eval()
+        copy.deepcopy(cfg), attn_implementation=ref).eval()
     ours = transformers.AutoModelForCausalLM.from_config(
         copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
     ours.load_state_dict(eager.state_dict())
     return eager, ours
 
 
-def make_models(num_kv_heads=2):
-    """The same tiny random Llama twice: eager and cpuattn."""
+def make_models(num_kv_heads=2, ref="eager"):
+    """The same tiny random Llama twice: `ref` and cpuattn."""
     eager, ours = twin_models(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=num_kv_heads, vocab_size=VOCAB, max_position_embeddings=128,
-        pad_token_id=0, torch_dtype=torch.float32))
+        pad_token_id=0, torch_dtype=torch.float32), ref)
     assert ours.config._attn_implementation == "cpuattn"
-    assert eager.config._attn_implementation == "eager"
+    assert eager.config._attn_implementation == ref
     return eager, ours
 
 
@@ -79,12 +83,17 @@ def assert_same_logits(models, ids, mask):
 
 
 def assert_same_generation(eager, ours, ids, mask, new_tokens):
-    """The same logits and the same greedy tokens, padded batch."""
+    """The same logits (prefill and every decode step) and the same greedy
+    tokens, padded batch."""
     assert_same_logits((eager, ours), ids, mask)
-    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        torch.testing.assert_close(ours.generate(ids, **kw), eager.generate(ids, **kw),
-                                   rtol=0, atol=0)
+        want, got = eager.generate(ids, **kw), ours.generate(ids, **kw)
+    torch.testing.assert_close(got.sequences, want.sequences, rtol=0, atol=0)
+    assert len(got.logits) == len(want.logits) == new_tokens
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_left_padded_batch_logits(models):
@@ -96,18 +105,15 @@ def test_right_padded_batch_logits(models):
     assert_same_logits(models, ids.flip(1), mask.flip(1))
 
 
-def test_greedy_generate_identical(models):
-    eager, ours = models
-    ids, mask = left_padded([7, 3, 5], 7, seed=3)
-    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-              pad_token_id=0)
-    with torch.no_grad():
-        want = eager.generate(ids, **kw)
-        got = ours.generate(ids, **kw)
-    assert want.shape == (3, 19)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+@pytest.mark.parametrize("ref", ["eager", "sdpa"])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_greedy_generate_identical(num_kv_heads, ref):
+    """Left-padded batched decode: the same logits at every step and the
+    same greedy tokens as "eager" and "sdpa"."""
+    eager, ours = make_models(num_kv_heads, ref)
+    assert_same_generation(eager, ours, *left_padded([7, 3, 5, 1], 7, seed=3), 12)
     with torch.no_grad():                               # no padding: the mask-free path
-        one = ids[:1]
+        one = left_padded([7], 7, seed=3)[0]
         torch.testing.assert_close(ours.generate(one, max_new_tokens=8, do_sample=False),
                                    eager.generate(one, max_new_tokens=8, do_sample=False),
                                    rtol=0, atol=0)
@@ -156,6 +162,192 @@ def test_masks_match_sdpa_semantics():
                                                   sliding_window=sw)
             assert w is None and got.shape == (2, 6, 4, 8)
             torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def per_row(q, k, v, mask, sliding_window=None, **opts):
+    """The per-row path the one-call path replaced: one public cpuattn call per
+    batch row (and per part of it) on slices, from the mask's (s, e, c)."""
+    left = None if sliding_window is None else sliding_window - 1
+    qn, kn, vn = (x.numpy().transpose(0, 2, 1, 3) for x in (q, k, v))
+    b, q_len = qn.shape[:2]
+    allowed = cpuattn_hf._bool_mask(mask, b, q_len, kn.shape[1])
+    out = np.zeros(qn.shape[:3] + (vn.shape[-1],), qn.dtype)
+    win = (-1 if left is None else left, -1)
+    for i, (s, e, c) in enumerate(zip(*cpuattn_hf._mask_plan(allowed, left))):
+        if e <= s:
+            continue
+        f0 = min(max(e - c, 0), q_len)
+        r0 = min(max(s - c, 0), f0)
+        if r0 < f0:
+            out[i, r0:f0] = cpuattn.attention(qn[i:i + 1, r0:f0], kn[i:i + 1, s:f0 + c],
+                                              vn[i:i + 1, s:f0 + c], causal=True,
+                                              window=win, **opts)[0]
+        if f0 < q_len:
+            if left is not None:
+                raise ShapeError("the per-row path refused whole-range rows under a window")
+            out[i, f0:] = cpuattn.attention(qn[i:i + 1, f0:], kn[i:i + 1, s:e],
+                                            vn[i:i + 1, s:e], causal=False, **opts)[0]
+    return torch.from_numpy(out)
+
+
+def mask_forms():
+    """(name, q_len, kv_len, bool mask (B, 1, q_len, kv_len), sliding_window,
+    engine calls) for the mask forms transformers builds."""
+    def build(q_len, kv_len, starts, ends, causal=True, window=None):
+        i = torch.arange(q_len)[:, None] + (kv_len - q_len)
+        j = torch.arange(kv_len)
+        m = torch.stack([(j >= s) & (j < e) & ((j <= i) if causal else (i >= 0))
+                         for s, e in zip(starts, ends)])
+        if window is not None:
+            m &= j > i - window
+        return m[:, None]
+    return [
+        ("left-padded prefill", 9, 9, build(9, 9, [0, 4, 8, 9], [9] * 4), None, 1),
+        ("left-padded decode", 1, 12, build(1, 12, [0, 5, 11, 3], [12] * 4), None, 1),
+        ("left-padded chunk over a cache", 4, 12, build(4, 12, [0, 5, 10], [12] * 3), None, 1),
+        ("right-padded prefill", 8, 8, build(8, 8, [0, 0, 0], [8, 5, 1]), None, 2),
+        ("bidirectional padded", 6, 6, build(6, 6, [0, 2, 0], [6, 6, 3], causal=False), None, 1),
+        ("sliding prefill, left-padded", 10, 10, build(10, 10, [0, 3], [10] * 2, window=4),
+         4, 1),
+        ("sliding decode, left-padded", 1, 15, build(1, 15, [0, 6, 13], [15] * 3, window=4),
+         4, 1),
+        ("sliding, one right-padded row", 6, 6, build(6, 6, [0, 0], [6, 5], window=3), 3, 2),
+        ("a row that sees nothing", 5, 5, build(5, 5, [0, 5], [5, 5]), None, 1),
+    ]
+
+
+@pytest.mark.parametrize("form", mask_forms(), ids=lambda f: f[0])
+def test_one_call_matches_per_row_and_sdpa(form, monkeypatch):
+    """Every mask form: the engine calls per layer (one, two for rows that see
+    a whole padded range), the per-row path (bitwise where both run the same
+    sequences), and torch SDPA in float64."""
+    _, q_len, kv_len, mask, window, n_calls = form
+    b = mask.shape[0]
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(b, q_len, 6, 16, generator=g).transpose(1, 2)    # as a projection's view
+    k, v = (torch.randn(b, 2, kv_len, 16, generator=g) for _ in range(2))
+    calls = []
+    real = cpuattn_hf._attention_ranges
+    monkeypatch.setattr(cpuattn_hf, "_attention_ranges",
+                        lambda *a, **kw: calls.append(kw["causal"]) or real(*a, **kw))
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)):
+        calls.clear()
+        got, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, m,
+                                              sliding_window=window)
+        assert len(calls) == n_calls
+        if window is None or n_calls == 1:
+            want = per_row(q, k, v, mask, window)
+            if n_calls == 1 and calls[0]:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            else:   # a joined row runs in a longer sequence (tiled, not decode kernel)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:       # the per-row path refused a whole-range row under a window
+            with pytest.raises(ShapeError):
+                per_row(q, k, v, mask, window)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1),
+            attn_mask=mask).transpose(1, 2)
+        seen = mask.any(-1)[:, 0]                                     # (B, q_len)
+        torch.testing.assert_close(got[seen].double(), ref[seen], rtol=1e-5, atol=1e-5)
+        assert not got[~seen].any()                                   # rows that see no key: 0
+
+
+@given(st.data())
+def test_masks_of_the_supported_form_fuzz(data):
+    """Random rows "query i sees s <= j < e, j <= i + c (, j >= i + c - left)":
+    equal to float64 SDPA, or ShapeError only for several whole-range rows
+    under a window; at most two engine calls."""
+    b, q_len = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 12))
+    kv_len = q_len + data.draw(st.integers(0, 10))
+    window = data.draw(st.none() | st.integers(1, 8))
+    i, j = torch.arange(q_len)[:, None], torch.arange(kv_len)
+    rows = []
+    for _ in range(b):
+        s = data.draw(st.integers(0, kv_len))
+        e = data.draw(st.integers(s, kv_len))
+        c = data.draw(st.integers(-2, kv_len + 2))
+        m = (j >= s) & (j < e) & (j <= i + c)
+        if window is not None:
+            m &= j > i + c - window
+        rows.append(m)
+    mask = torch.stack(rows)[:, None]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    q = torch.randn(b, 4, q_len, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, 2, kv_len, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    try:
+        got, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, mask,
+                                              sliding_window=window)
+    except ShapeError as err:
+        assert window is not None and "whole padded range" in str(err)
+        return
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask).transpose(1, 2)
+    seen = mask.any(-1)[:, 0]
+    torch.testing.assert_close(got[seen], ref[seen], rtol=1e-12, atol=1e-12)
+    assert not got[~seen].any()
+    assert len(cpuattn_hf._plan_of(mask, b, q_len, kv_len, None if window is None
+                                   else window - 1).calls) <= 2
+
+
+def test_one_engine_call_per_layer_in_generate(monkeypatch):
+    """A left-padded batch: every layer call of prefill and decode is one engine call."""
+    _, ours = make_models()
+    layers, calls = [], []
+    real_layer, real = cpuattn_hf.attention_forward, cpuattn_hf._attention_ranges
+    from transformers import AttentionInterface
+    monkeypatch.setitem(AttentionInterface._global_mapping, "cpuattn",
+                        lambda *a, **kw: layers.append(1) or real_layer(*a, **kw))
+    monkeypatch.setattr(cpuattn_hf, "_attention_ranges",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids, mask = left_padded([6, 2, 4], 6, seed=22)
+    with torch.no_grad():
+        ours.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                      do_sample=False, pad_token_id=0)
+    assert len(layers) == 2 * 5 and len(calls) == len(layers)
+
+
+def test_plan_and_sinks_caches_follow_changes():
+    """The cached mask plan and float64 sinks are rebuilt when their tensor
+    changes in place (its version moves)."""
+    g = torch.Generator().manual_seed(23)
+    q, k, v = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g), \
+        torch.randn(2, 2, 3, 8, generator=g)
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool).tril()
+    sinks = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    with torch.no_grad():
+        a, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, mask, s_aux=sinks)
+        mask[1, :, :, 0] = False
+        sinks.fill_(3.0)
+        b, _ = cpuattn_hf.attention_forward(torch.nn.Module(), q, k, v, mask, s_aux=sinks)
+    torch.testing.assert_close(b, per_row(q, k, v, mask, sinks=np.full(4, 3.0)),
+                               rtol=0, atol=0)
+    assert not torch.equal(a, b)
+
+
+def test_output_attentions_warns_as_sdpa():
+    """output_attentions=True: a warning (once, through transformers' logger,
+    as "sdpa" gives) and no weights, never silence; the logits are unchanged."""
+    import logging
+    sdpa, ours = make_models(ref="sdpa")
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(24))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        cpuattn_hf._logger.warning_once.cache_clear()     # warn_once: forget earlier tests
+        with torch.no_grad():
+            want = sdpa(ids, output_attentions=True)
+            got = ours(ids, output_attentions=True)
+            ours(ids, output_attentions=True)
+    finally:
+        logger.removeHandler(handler)
+    ours_msgs = [r.getMessage() for r in records if "`cpuattn`" in r.getMessage()]
+    assert len(ours_msgs) == 1 and "output_attentions=True" in ours_msgs[0]
+    assert any("`sdpa`" in r.getMessage() for r in records)
+    assert got.attentions == want.attentions                      # no weights from either
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_raises_instead_of_silent_zero_grad():
@@ -247,10 +439,6 @@ def test_no_effect_keywords_accepted():
 
 # --- the one-call engine entry (cpuattn.dense._attention_ranges) -----------------
 
-from hypothesis import given, strategies as st  # noqa: E402
-
-from cpuattn.dense import _attention_ranges  # noqa: E402
-from conftest import tol  # noqa: E402
 
 
 def hf_layout(rng, b, s, h, d, dtype):
