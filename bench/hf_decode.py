@@ -16,7 +16,10 @@ table shows medians over --rounds of:
   decode (all single-token steps), in ms per generate.
 
 The compute-loop check (bench/cpu_check.py: 1.0 = 2 free cores) runs before
-and after, since this machine may be shared.
+and after, since this machine may be shared. On a busy machine wall time
+inside a function includes the time the process was descheduled there;
+``--cpu-time`` times with the process's CPU time instead (meaningful with
+--threads 1, where no thread spins or waits for another).
 
     python bench/hf_decode.py --threads 2
     python bench/hf_decode.py --models smol --rounds 3 --quick
@@ -55,6 +58,9 @@ SHAPES = {
 IMPLS = ("sdpa", "cpuattn")
 
 
+CLOCK = time.perf_counter
+
+
 class AttentionTimer:
     """Wraps the registered attention functions: seconds inside them, by
     prefill (q_len > 1) and decode (q_len == 1) calls."""
@@ -75,9 +81,9 @@ class AttentionTimer:
 
     def _timed(self, fn):
         def timed(module, query, *args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             res = fn(module, query, *args, **kwargs)
-            dt = time.perf_counter() - t0
+            dt = CLOCK() - t0
             if query.shape[2] > 1:
                 self.prefill += dt
             else:
@@ -101,10 +107,10 @@ def one_generate(model, impl, ids, mask, new):
     """(seconds of generate(), ms in attention in prefill, in decode)."""
     model.set_attn_implementation(impl)
     with AttentionTimer() as t, torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - t0
+        total = CLOCK() - t0
     assert out.shape[1] == ids.shape[1] + new
     return total, t.prefill * 1e3, t.decode * 1e3, out
 
@@ -117,7 +123,11 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=32, help="generated tokens")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="the tiny model, 3 rounds")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU time (use with --threads 1)")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     names = ["tiny"] if args.quick else args.models.split(",")
     rounds = 3 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
@@ -126,7 +136,8 @@ def main(argv=None):
     check = _wall(2) / _wall(1)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"cpuattn {cpuattn.__version__} ({cpuattn.info()['simd']}), {args.threads} threads, "
-          f"prompt {args.prompt}, {args.new} new tokens, median of {rounds} interleaved rounds; "
+          f"prompt {args.prompt}, {args.new} new tokens, median of {rounds} interleaved rounds, "
+          f"{'process CPU' if args.cpu_time else 'wall'} time; "
           f"cpu_check before: {check:.2f}")
     head = (f"{'model':8} {'batch':>5} | {'tok/s sdpa':>10} {'cpuattn':>8} {'x':>5} | "
             f"{'prefill attn ms sdpa':>20} {'cpuattn':>8} {'x':>5} | "
