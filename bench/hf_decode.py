@@ -22,7 +22,8 @@ inside a function includes the time the process was descheduled there;
 --threads 1, where no thread spins or waits for another).
 
     python bench/hf_decode.py --threads 2
-    python bench/hf_decode.py --models smol --rounds 3 --quick
+    python bench/hf_decode.py --models smol --rounds 3 --threads 1 --cpu-time
+    python bench/hf_decode.py --per-call --threads 1
 """
 from __future__ import annotations
 
@@ -115,6 +116,40 @@ def one_generate(model, impl, ids, mask, new):
     return total, t.prefill * 1e3, t.decode * 1e3, out
 
 
+def per_call(threads):
+    """Per decode-layer call, the calling thread's CPU time (preemption does
+    not count): cpuattn's and transformers' sdpa attention functions on the
+    same SmolLM2-like layer tensors (9:3 heads, D64, 160 cached keys)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 3
+
+    kw = dict(dropout=0.0, scaling=0.125, position_ids=torch.zeros(1, 1, dtype=torch.long),
+              use_cache=True)
+    for batch in (1, 4):
+        q = torch.randn(batch, 1, 9, 64).transpose(1, 2)            # a projection's view
+        k, v = torch.randn(batch, 3, 160, 64), torch.randn(batch, 3, 160, 64)
+        mask = None
+        if batch > 1:                                                # left-padded rows
+            mask = torch.ones(batch, 1, 1, 160, dtype=torch.bool)
+            mask[1:, ..., :40] = False
+        times = {}
+        for name, fn in (("sdpa", sdpa_attention_forward),
+                         ("cpuattn", cpuattn_hf.attention_forward)):
+            rounds = []
+            with torch.no_grad():
+                for _ in range(9):
+                    t0 = time.thread_time()
+                    for _ in range(1000):
+                        fn(Layer(), q, k, v, mask, **kw)
+                    rounds.append((time.thread_time() - t0) * 1e3)       # us per call
+            times[name] = statistics.median(rounds)
+        print(f"per call B{batch} {'left-padded mask' if mask is not None else 'no mask'}: "
+              f"sdpa {times['sdpa']:.1f} us, cpuattn {times['cpuattn']:.1f} us "
+              f"({threads} thread(s), thread CPU time, median of 9 x 1000)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -125,6 +160,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the tiny model, 3 rounds")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with the process's CPU time (use with --threads 1)")
+    p.add_argument("--per-call", action="store_true",
+                   help="only the per-call cost of one decode layer call (use --threads 1)")
     args = p.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
@@ -133,6 +170,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     cpuattn.set_num_threads(args.threads)
     cpuattn_hf.register()
+    if args.per_call:
+        return per_call(args.threads)
     check = _wall(2) / _wall(1)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"cpuattn {cpuattn.__version__} ({cpuattn.info()['simd']}), {args.threads} threads, "
