@@ -103,7 +103,7 @@ def _attention_ranges(q: ArrayLike, k: ArrayLike, v: ArrayLike, seqs: Array, out
                                     None, False, out, seqs)
         if res is None:
             raise RuntimeError("cpuattn internal error: checked dense inputs not plain")
-    return res
+    return out
 
 
 @overload

@@ -34,7 +34,7 @@ be on the CPU; float32, float64, float16, and bfloat16 (which needs
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class _Memo:
         self._size = size
         self._entries: dict[int, tuple] = {}   # id -> (weakref, _version, key, value)
 
-    def get(self, t: torch.Tensor, key: Any, make):
+    def get(self, t: torch.Tensor, key: Any, make: Callable[[], Any]) -> Any:
         try:
             version = t._version
         except RuntimeError:        # inference-mode tensors track no version
