@@ -12,7 +12,8 @@ _Scale = ArrayLike | float | None
 
 def dense_attention(q: object, k: object, v: object, causal: object, scale: object,
                     window: object, softcap: object, sinks: object, alibi: object,
-                    return_lse: object, out: object) -> _Out | tuple[_Out, _Lse] | None: ...
+                    return_lse: object, out: object, seqs: object = ...
+                    ) -> _Out | tuple[_Out, _Lse] | None: ...
 
 class PagedPlan:
     def __init__(self, block_table: ArrayLike, seq_lens: ArrayLike, *, page_size: int,

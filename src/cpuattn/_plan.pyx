@@ -446,13 +446,23 @@ cdef class PagedPlan:
         return other
 
 
-def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, return_lse, out):
+def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, return_lse, out,
+                    seqs=None):
     """cpuattn.attention for plain inputs, checked here in C: the result, or
     None when any input is not plain (the caller's general checks then
     raise the documented error or run it). Plain: numpy arrays (B, S, H, D)
     of one float dtype with a contiguous last axis and aligned strides,
     builtin options, sinks / slopes float32 or float64 of length H, and an
-    out that certainly does not overlap k or v."""
+    out that certainly does not overlap k or v.
+
+    seqs (private, ``dense._attention_ranges``; needs return_lse False):
+    None, each batch row is one whole sequence; or int64 C-contiguous
+    ``(4, B)`` rows q_start, k_start, q_len, k_len: batch row b attends
+    queries ``q_start[b] + t`` (t < q_len[b]) to keys ``k_start[b] + j``
+    (j < k_len[b]), the mask bottom-right aligned within those ranges; rows
+    of out outside the ranges are not written (zeros when out is None).
+    ShapeError for a range outside its row. The caller keeps seqs
+    unchanged while the call runs."""
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
             and _options_ok(causal, scale, window, softcap)
             and (out is None or type(out) is np.ndarray)):
@@ -478,7 +488,7 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
         return None
     cdef cnp.ndarray oa
     if out is None:
-        oa = np.empty((batch, sq, h, dv), dtype=qa.dtype)
+        oa = (np.empty if seqs is None else np.zeros)((batch, sq, h, dv), dtype=qa.dtype)
     else:
         oa = out
         if not (cnp.PyArray_NDIM(oa) == 4 and cnp.PyArray_DIMS(oa)[0] == batch
@@ -487,14 +497,20 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
             return None
     lse = np.empty((batch, h, sq), np.float64 if qc == CPA_F64 else np.float32) \
         if return_lse else None
-    cdef cnp.ndarray seqs = np.empty((4, batch), np.int64)
-    cdef int64_t *sp = <int64_t *>cnp.PyArray_DATA(seqs)
+    cdef cnp.ndarray ranges
+    cdef int64_t *sp
     cdef int64_t i
-    for i in range(batch):
-        sp[i] = 0                  # q_start: each sequence's own batch row
-        sp[batch + i] = 0          # k_start
-        sp[2 * batch + i] = sq
-        sp[3 * batch + i] = sk
+    if seqs is None:
+        ranges = np.empty((4, batch), np.int64)
+        sp = <int64_t *>cnp.PyArray_DATA(ranges)
+        for i in range(batch):
+            sp[i] = 0                  # q_start: each sequence's own batch row
+            sp[batch + i] = 0          # k_start
+            sp[2 * batch + i] = sq
+            sp[3 * batch + i] = sk
+    else:
+        ranges = _seq_ranges(seqs, batch, sq, sk)
+        sp = <int64_t *>cnp.PyArray_DATA(ranges)
     cdef cpa_fwd_args a
     memset(&a, 0, sizeof(a))
     _set_rows(&a, _DENSE, qa, oa, ka, va, lse, h, hkv, d, dv, sinks, alibi, scale, softcap,
@@ -505,6 +521,28 @@ def dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi, retur
     if sq and batch:
         run(&a)
     return (oa, lse) if return_lse else oa
+
+
+cdef cnp.ndarray _seq_ranges(object seqs, int64_t batch, int64_t sq, int64_t sk):
+    """dense_attention's seqs, checked: int64 C-contiguous (4, batch), every
+    range of queries inside [0, sq) and of keys inside [0, sk)."""
+    if not (type(seqs) is np.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>seqs) == 2
+            and cnp.PyArray_DIMS(<cnp.ndarray>seqs)[0] == 4
+            and cnp.PyArray_DIMS(<cnp.ndarray>seqs)[1] == batch
+            and cnp.PyArray_TYPE(<cnp.ndarray>seqs) == cnp.NPY_INT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>seqs)):
+        raise ShapeError(f"seqs: expected an int64 C-contiguous (4, {batch}) array, got "
+                         f"{getattr(seqs, 'dtype', type(seqs).__name__)} "
+                         f"{getattr(seqs, 'shape', '')}")
+    cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>seqs)
+    cdef int64_t b
+    for b in range(batch):
+        if not (0 <= sp[b] and 0 <= sp[2 * batch + b] <= sq - sp[b]
+                and 0 <= sp[batch + b] and 0 <= sp[3 * batch + b] <= sk - sp[batch + b]):
+            raise ShapeError(f"seqs: batch row {b}: expected queries in [0, {sq}) and keys "
+                             f"in [0, {sk}), got q_start {sp[b]}, q_len {sp[2 * batch + b]}, "
+                             f"k_start {sp[batch + b]}, k_len {sp[3 * batch + b]}")
+    return seqs
 
 
 cdef void _set_rows(cpa_fwd_args *a, tuple layout, cnp.ndarray qa, cnp.ndarray oa,

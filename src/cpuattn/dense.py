@@ -77,6 +77,35 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     return (out, lse) if return_lse else out
 
 
+def _attention_ranges(q: ArrayLike, k: ArrayLike, v: ArrayLike, seqs: Array, out: Array, *,
+                      causal: bool, scale: float | None = None, window: Window = (-1, -1),
+                      softcap: float = 0.0, sinks: ArrayLike | None = None) -> Array:
+    """Private (the transformers backend): :func:`attention` of a padded
+    batch in one engine call over the dense, strided K/V, no copy.
+
+    ``seqs``: int64 C-contiguous ``(4, batch)``, rows q_start, k_start,
+    q_len, k_len: batch row b attends its queries ``q_start[b] ..
+    q_start[b] + q_len[b] - 1`` to its keys ``k_start[b] .. k_start[b] +
+    k_len[b] - 1`` only, with causal / window bottom-right aligned within
+    those ranges (as if they were the whole row). Writes those rows of
+    ``out`` ``(batch, seq_q, num_heads, head_dim_v)`` and leaves the others.
+    Other arguments and errors as :func:`attention` (ShapeError for a range
+    outside its row). Returns ``out``.
+    """
+    res = _plan.dense_attention(q, k, v, causal, scale, window, softcap, sinks, None, False,
+                                out, seqs)
+    if res is None:   # not plain: the general checks raise, or give the plain form
+        call = V.dense_call(q, k, v, causal, scale, window, softcap, sinks)
+        V.outputs(call, out, False)
+        o = call.opts
+        res = _plan.dense_attention(call.q, call.k, call.v, o.causal, o.scale,
+                                    (o.window_left, o.window_right), o.softcap, call.sinks,
+                                    None, False, out, seqs)
+        if res is None:
+            raise RuntimeError("cpuattn internal error: checked dense inputs not plain")
+    return out
+
+
 @overload
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
                      cu_seqlens_k: ArrayLike, *, causal: bool = ..., scale: float | None = ...,
