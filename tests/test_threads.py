@@ -47,10 +47,7 @@ def expected_best_isa():
         if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags:
             best = "avx512"
             if "avx512_bf16" in flags and "avx512bf16" in _threads.isa_names():
-                best = "avx512bf16"
-                # Linux lists amx_* only when it enables the tile state
-                if {"amx_tile", "amx_bf16"} <= flags and "amx" in _threads.isa_names():
-                    best = "amx"
+                best = "avx512bf16"   # amx is opt-in (CPUATTN_ISA=amx), never the default
     return best
 
 
@@ -69,7 +66,7 @@ def test_info_reports_build_and_runtime():
     best = expected_best_isa()
     if best is not None:
         assert _threads.best_isa() == best
-        assert _threads.supported_isas()[-1] == best
+        assert [p for p in _threads.supported_isas() if p != "amx"][-1] == best
     forced = os.environ.get("CPUATTN_ISA", "").strip().lower()
     want = forced if forced in _threads.supported_isas() else _threads.best_isa()
     assert info["simd"] == want
@@ -297,13 +294,15 @@ def _fresh_info(isa):
 
 
 def test_amx_only_where_the_cpu_and_os_grant_it():
-    """amx is listed and chosen exactly when the CPU reports AMX-TILE and
-    AMX-BF16 with their OS state (Linux lists the flags only then) and
-    AVX512_BF16; forcing it elsewhere warns and runs the best path."""
+    """amx is listed exactly when the CPU reports AMX-TILE and AMX-BF16 with
+    their OS state (Linux lists the flags only then) and AVX512_BF16; it is
+    never the default (opt-in until it has run on AMX hardware), forcing it
+    there selects it, and forcing it elsewhere warns and runs the best path."""
     flags = _x86_flags() or set()
     has_amx = platform.machine() == "x86_64" and "amx" in _threads.isa_names() and \
         {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
     assert ("amx" in _threads.supported_isas()) == has_amx
+    assert _threads.best_isa() != "amx"
     simd, warned = _fresh_info("amx")
     if has_amx:
         assert simd == "amx" and not warned

@@ -75,7 +75,7 @@ enum cpa_isa { CPA_ISAS(CPA_ISA_ENUM_) CPA_ISA_COUNT };
 int cpa_cpu_features(void);
 /* Whether path `isa` can run here. */
 int cpa_isa_supported(int isa);
-/* The last supported path of the list. */
+/* The last supported path of the list, amx excepted (opt-in for now). */
 int cpa_isa_best(void);
 /* The path whose kernels stand in where `isa` compiles none (itself for the
  * scalar path). */
