@@ -420,14 +420,13 @@ static void FN(dec_pv_seen)(const TN(dec) *c, int64_t i0, int64_t i1)
 {
     const cpa_fwd_args *a = c->a;
     const int64_t M = c->M, Dv = a->head_dim_v, vh = a->v.head, vsh = a->v_scale.head * FN(SCALE_BYTES);
-    const int64_t g = a->num_heads / a->num_kv_heads;
     const KS **vrow = (const KS **)c->row;
     const char **vsrow = (const char **)c->srow;
     for (int64_t i = i0; i < i1; i++)
         for (int64_t rr = 0; rr < c->nh * M; rr++) {
             const int64_t r = rr % M;
             if (c->k0 + i < c->lo[r] || c->k0 + i > c->hi[r]
-                || cpa_tree_hides(a, c->b, r / g, c->k0 + i)) continue;
+                || cpa_tree_hides(a, c->rseq[r], c->rtok[r], c->k0 + i)) continue;
             const KS *vr = vrow[i] + (rr / M) * vh;
             const char *vsr = FN(SCALE_BYTES) ? vsrow[i] + (rr / M) * vsh : NULL;
             FN(dec_pv)(c->o + rr * Dv, 0, c->sc + rr * c->scs + i, 0, &vr, &vsr, Dv, NULL, 1, 1);
