@@ -381,25 +381,29 @@ static inline __attribute__((always_inline)) void FN(dec_sweep)(const TN(dec) *c
     const int64_t ahead = cpa_prefetch_distance(nh * FN(nbytes)(D));
     for (int64_t i = b0; i < b0 + ahead && i < b1; i++)
         for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(rows[i] + hh * xh, FN(nbytes)(D));
-    for (int64_t i0 = b0; i0 < b1; i0 += TB) {
-        const int full = i0 + TB <= b1;
-        for (int64_t hh = 0; hh < nh; hh++) {
-            const T *q = c->qs + hh * M * qst;
-            T *ob = c->o + hh * M * D, *s = c->sc + hh * M * scs + i0;
-            const KS *xr[TB], *pf[TB];
-            const char *xsr[TB];
-            for (int t = 0; t < TB; t++) pf[t] = rows[cpa_min(i0 + ahead + t, b1 - 1)] + hh * xh;
-            const int64_t nb = full ? TB : 1;
-            for (int64_t i = i0; i < (full ? i0 + 1 : b1); i++, s++) {
-                for (int t = 0; t < nb; t++) {
-                    xr[t] = rows[i + t] + hh * xh;
-                    xsr[t] = FN(SCALE_BYTES) ? srows[i + t] + hh * xsh : NULL;
-                }
-                if (full && values) DEC_ROWS(DEC_PV_AT, M, TB);
-                else if (full) DEC_ROWS(DEC_QK_AT, M, TB);
-                else if (values) DEC_ROWS(DEC_PV_AT, M, 1);
-                else DEC_ROWS(DEC_QK_AT, M, 1);
+    /* many rows (a shared item): CH tokens of one head at a time, so that
+     * the head's q or output rows stay in L1 over them (each row still sees
+     * the keys in order) */
+    const int64_t CH = M > CPA_DEC_MAX_M ? 4 * TB : TB;
+    for (int64_t c0 = b0; c0 < b1; c0 += CH)
+    for (int64_t hh = 0; hh < nh; hh++)
+    for (int64_t i0 = c0, c1 = cpa_min(c0 + CH, b1); i0 < c1; i0 += TB) {
+        const int full = i0 + TB <= c1;
+        const T *q = c->qs + hh * M * qst;
+        T *ob = c->o + hh * M * D, *s = c->sc + hh * M * scs + i0;
+        const KS *xr[TB], *pf[TB];
+        const char *xsr[TB];
+        for (int t = 0; t < TB; t++) pf[t] = rows[cpa_min(i0 + ahead + t, b1 - 1)] + hh * xh;
+        const int64_t nb = full ? TB : 1;
+        for (int64_t i = i0; i < (full ? i0 + 1 : c1); i++, s++) {
+            for (int t = 0; t < nb; t++) {
+                xr[t] = rows[i + t] + hh * xh;
+                xsr[t] = FN(SCALE_BYTES) ? srows[i + t] + hh * xsh : NULL;
             }
+            if (full && values) DEC_ROWS(DEC_PV_AT, M, TB);
+            else if (full) DEC_ROWS(DEC_QK_AT, M, TB);
+            else if (values) DEC_ROWS(DEC_PV_AT, M, 1);
+            else DEC_ROWS(DEC_QK_AT, M, 1);
         }
     }
 }
