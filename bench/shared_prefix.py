@@ -2,7 +2,9 @@
 prefix (issue 16): B sequences with one P-token prompt and N tokens each of
 their own, H32:8 D128 fp32 pages, page 16. Both calls are PagedPlans run in
 turn (interleaved rounds); prints the medians, their ratio and whether the
-results are bitwise equal. Run `python bench/cpu_check.py` around it.
+results are bitwise equal. Then the fp32 causal prefill rate beside it: the shared call does all of
+the private call's arithmetic, so that rate bounds it. Run
+`python bench/cpu_check.py` around it.
 
     PYTHONPATH=src python bench/shared_prefix.py [threads] [rounds] [B] [P] [N]
 """
@@ -47,6 +49,18 @@ def main(threads=2, rounds=9, batch=32, prefix=8192, own=256):
     print(f"B{batch} prefix {prefix} + {own} own, {threads} threads: shared is "
           f"{med['private'] / med['shared']:.2f}x the speed of private; bitwise equal: "
           f"{np.array_equal(outs['private'], outs['shared'])}")
+    # the compute ceiling beside it: fp32 causal prefill S2048 H32:8 D128
+    s = 2048
+    pq = rng.standard_normal((1, s, h, d), dtype=np.float32)
+    pk = rng.standard_normal((1, s, hkv, d), dtype=np.float32)
+    pt = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        cpuattn.attention(pq, pk, pk, causal=True)
+        pt.append(time.perf_counter() - t0)
+    pre = 2.0 * s * s * h * d / float(np.median(pt)) / 1e9
+    print(f"fp32 causal prefill S2048 H32:8 D128: {pre:.1f} GFLOP/s; the shared call runs at "
+          f"{flops / med['shared'] / 1e9 / pre:.2f} of it")
 
 
 if __name__ == "__main__":
