@@ -274,3 +274,31 @@ def test_fuzz_random_block_tables(seed, ps, hkv, g, d, batch, window):
     np.testing.assert_array_equal(out, alone(q, kp, vp, table, lens, **opts))
     ref, _ = ref_paged(q, kp, vp, table, lens, **opts)
     np.testing.assert_allclose(out, ref, **tol(np.float32))
+
+
+def test_tree_masks_on_shared_pages(rng):
+    """Sequences on the very same pages verifying different draft trees
+    (decode kernel: g * n_b <= 8): one shared item, each row with its own
+    sequence's tree."""
+    from test_tree import random_tree, tree_reference
+    ps, h, hkv, d = 16, 4, 2, 64
+    table, lens, npg = shared_table(rng, [(2100, [0, 0, 0], False), (2100, [0], False)], ps)
+    kp, vp = fill_pages(rng, npg, ps, hkv, d)
+    nq = [4, 3, 1, 2]
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    trees = [random_tree(rng, n) for n in nq]
+    flat = np.concatenate([t.reshape(-1) for t in trees])
+    q = randn(rng, (int(cu[-1]), h, d))
+    plan = PagedPlan(table, lens, page_size=ps, num_pages=npg, cu_seqlens_q=cu, tree_mask=flat)
+    out = plan.run(q, kp, vp)
+    assert plan._shared_items[0] > 0
+    at = 0
+    for b in range(len(lens)):
+        n = nq[b]
+        one = cpuattn.paged_attention(q[cu[b]:cu[b + 1]], kp, vp, table[b:b + 1], lens[b:b + 1],
+                                      cu_seqlens_q=np.array([0, n], np.int32),
+                                      tree_mask=flat[at:at + n * n])
+        np.testing.assert_array_equal(out[cu[b]:cu[b + 1]], one)
+        at += n * n
+    np.testing.assert_allclose(out, tree_reference(q, kp, vp, table, lens, cu, trees),
+                               **tol(np.float32))
