@@ -65,6 +65,8 @@ class Case:
     #   "plan_full" (run with cu_seqlens_q, out= and lse), "step" (one plan, `layers` runs)
     layers: int = 1           # decode "step": runs per step (one model's layers)
     features: str = ""        # "sinks" or "alibi": the call with attention sinks / ALiBi
+    prefix: int = 0           # decode: the first `prefix` tokens of every sequence are one
+    share: bool = False       #   prompt, on pages all share (True) or on private copies
 
     def shape(self):
         """A short human description of the shape."""
@@ -72,6 +74,8 @@ class Case:
         dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
               "int4": "int4", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}[self.dtype]
         extra = f" +{self.features}" if self.features else ""
+        if self.prefix:
+            extra += f" prefix{self.prefix} {'shared' if self.share else 'private'}"
         if self.kind == "decode":
             steps = f" x{self.layers}" if self.layers > 1 else ""
             return (f"b{self.batch} ctx{self.seq} {h} d{self.head_dim} p{self.page_size} "
@@ -100,7 +104,10 @@ class Case:
             return 2.0 * self.batch * self.num_kv_heads * row
         if self.call == "merge":
             return 2.0 * self.batch * self.num_heads * (4 * d + 4)
-        return 2.0 * self.batch * self.seq * self.num_kv_heads * row * self.layers
+        tokens = self.batch * self.seq
+        if self.share:   # the shared prefix once
+            tokens -= (self.batch - 1) * (self.prefix // self.page_size * self.page_size)
+        return 2.0 * tokens * self.num_kv_heads * row * self.layers
 
 
 def _dram_batch(base=16, ctx=4096, hkv=8, d=128, item=4, cap=64):
@@ -209,6 +216,11 @@ CASES = [
          note="one sequence, context 4096: the base of the tree case"),
     Case("decode_tree16_b1_ctx4096_fp32", "decode", 1, 32, 8, 128, 4096, dtype="float32",
          call="tree", note="speculative verify: a random tree of 16 draft tokens"),
+    # issue 16: 32 sequences with one 8192-token prompt and 256 tokens each of their own
+    *[Case(f"decode_prefix8192_b32_{tag}_fp32", "decode", 32, 32, 8, 128, 8448, dtype="float32",
+           prefix=8192, share=tag == "shared", note=note) for tag, note in (
+        ("private", "B32 with one 8192-token prompt copied into each sequence's pages"),
+        ("shared", "the same, the prompt's pages shared (as fork makes them): read once"))],
     Case("decode_tiny_ctx16_fp32", "decode", 1, 32, 8, 128, 16, dtype="float32",
          note="one page: call overhead"),
     *[Case(f"write_kv_b8_{tag}", "decode", 8, 32, 8, 128, 2048, dtype=dtype, call="write_kv",
@@ -403,7 +415,8 @@ def _build_decode(c, rng, torch):
     dt = np.dtype(np.float32) if low else _np_dtype(c.dtype)
     b, h, hkv, ctx, d, ps = c.batch, c.num_heads, c.num_kv_heads, c.seq, c.head_dim, c.page_size
     pages_per_seq = -(-ctx // ps)
-    num_pages = b * pages_per_seq
+    common = c.prefix // ps if c.share else 0   # pages every sequence shares
+    num_pages = b * pages_per_seq - (b - 1) * common
     k_pages = _randn(rng, (num_pages, ps, hkv, d), dt)
     v_pages = _randn(rng, (num_pages, ps, hkv, d), dt)
     scales = {}
@@ -416,16 +429,19 @@ def _build_decode(c, rng, torch):
     else:
         k_float, v_float = k_pages, v_pages
     # a shuffled block table: a sequence's pages are scattered in the pool
-    block_table = rng.permutation(num_pages).astype(np.int32).reshape(b, pages_per_seq)
+    order = rng.permutation(num_pages).astype(np.int32)
+    block_table = np.concatenate([np.tile(order[:common], (b, 1)),
+                                  order[common:].reshape(b, pages_per_seq - common)], axis=1)
     seq_lens = np.full(b, ctx, dtype=np.int32)
     q = _randn(rng, (b, h, d), np.float32)
     f = _features(c, rng)
     impls = {"cpuattn": _cpuattn_decode(c, q, k_pages, v_pages, block_table, seq_lens,
                                         dict(scales, **f))}
-    if c.busy:
-        # only cpuattn, at the default threads and on 1 thread (run_case)
+    if c.busy or c.prefix:
+        # only cpuattn: at the default threads and on 1 thread (run_case); shared vs private
         for name in ("torch_sdpa", "torch_paged", "reference"):
-            impls[name] = Skip("n/a: busy-core case times cpuattn only")
+            impls[name] = Skip("n/a: busy-core case times cpuattn only" if c.busy else
+                               "n/a: compare the shared prefix case with the private one")
         return impls
     # the same context as contiguous (B, ctx, Hkv, D) arrays
     k_dense = k_float[block_table].reshape(b, pages_per_seq * ps, hkv, d)[:, :ctx]
@@ -644,7 +660,8 @@ def _result_head(c):
                        "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
                        "seq": c.seq, "causal": c.causal, "dtype": c.dtype,
                        "page_size": c.page_size if c.kind == "decode" else None,
-                       "call": c.call, "layers": c.layers, "features": c.features},
+                       "call": c.call, "layers": c.layers, "features": c.features,
+                       "prefix": c.prefix, "share": c.share},
             "flops": c.flops(), "kv_bytes": c.kv_bytes() if c.kind == "decode" else None,
             "impls": {}}
 
@@ -983,6 +1000,12 @@ def _plan_lines(run):
                                            f"{one['impls']['cpuattn']['median_s'] * 1e6:.1f} us")
             lines.append(f"{r['case']}: {med * 1e6:.1f} us per call (goal <= "
                          f"{PLAN_GOAL_US[call]:.0f} us on 2 cores){base}")
+        elif r["params"].get("share"):
+            priv = next((x for x in ok if x["params"] == dict(r["params"], share=False)), None)
+            if priv is not None:
+                tp = priv["impls"]["cpuattn"]["median_s"]
+                lines.append(f"{r['case']}: {tp / med:.2f}x the speed of {priv['case']} "
+                             f"({tp * 1e3:.1f} ms -> {med * 1e3:.1f} ms; goal >= 3x on 2 cores)")
         elif call == "tree" and one is not None:
             t1 = one["impls"]["cpuattn"]["median_s"]
             lines.append(f"{r['case']}: {med * 1e3:.2f} ms = {med / t1:.2f} x one decode step "

@@ -70,7 +70,7 @@ cdef extern from "forward.h" nogil:
         const int64_t *tree_start
     ctypedef struct cpa_fwd_item:
         int64_t seq, slot
-        int32_t kvh, nkvh, qblock
+        int32_t kvh, nkvh, qblock, nshare
         int64_t key_lo, key_hi
     ctypedef struct cpa_fwd_merge:
         int64_t seq, slot0
@@ -79,7 +79,8 @@ cdef extern from "forward.h" nogil:
     int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
                          int64_t *n_merges, int64_t *n_slots)
     int cpa_fwd_uses_tiled(const cpa_fwd_args *a)
-    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
+    int cpa_fwd_share(const cpa_fwd_args *a, cpa_fwd_item *items, int64_t n, int64_t *max_rows)
+    size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled, int64_t dec_rows)
     size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a)
     cpa_fwd_item_fn cpa_fwd_kernel(const cpa_fwd_args *a, int isa)
     void cpa_fwd_merge_one(const cpa_fwd_args *a, const cpa_fwd_merge *m, const char *partials,

@@ -12,6 +12,7 @@ ctypedef struct fwd_work:
     int64_t work            # multiply-adds, for the team size
     int max_split           # most splits of one merge
     int tiled               # any item runs the tiled kernel
+    int64_t dec_rows        # most query rows of one decode item (cpa_fwd_share)
 
 cdef int plan_work(const cpa_fwd_args *a, fwd_work *w) except -1
 cdef void free_work(fwd_work *w) noexcept

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._engine cimport (
     cpa_fwd_args, cpa_fwd_item, cpa_fwd_merge, cpa_fwd_item_fn, cpa_fwd_plan, cpa_fwd_uses_tiled,
-    cpa_fwd_scratch_bytes, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one,
+    cpa_fwd_scratch_bytes, cpa_fwd_share, cpa_fwd_slot_bytes, cpa_fwd_kernel, cpa_fwd_merge_one,
     CPA_F32, CPA_F64, CPA_F16, CPA_BF16, CPA_I8, CPA_I4, CPA_E4M3, CPA_E5M2, CPA_DTYPE_COUNT,
     cpa_dtype_name, cpa_dtype_bits,
     cpa_rows, rows_of, set_call)
@@ -150,6 +150,10 @@ cdef int plan_work(const cpa_fwd_args *a, fwd_work *w) except -1:
         free_work(w)
         raise MemoryError("cpuattn: cannot allocate the work list")
     cpa_fwd_plan(a, w.items, w.merges, &w.n_merges, &w.n_slots)
+    # sequences reading the same pages (fork, a shared prefix): one item each
+    if cpa_fwd_share(a, w.items, w.n_items, &w.dec_rows) < 0:
+        free_work(w)
+        raise MemoryError("cpuattn: cannot allocate the work list")
     for i in range(w.n_merges):
         if w.merges[i].nsplit > w.max_split:
             w.max_split = w.merges[i].nsplit
@@ -174,7 +178,7 @@ cdef int run_work(const cpa_fwd_args *a, const fwd_work *w) except -1:
     if w.n_items == 0:
         return 0
     cdef int nt = team_size(w.n_items, w.work)
-    cdef size_t per_thread = cpa_fwd_scratch_bytes(a, w.tiled)
+    cdef size_t per_thread = cpa_fwd_scratch_bytes(a, w.tiled, w.dec_rows)
     if per_thread < <size_t>((w.max_split + a.head_dim_v) * 8 + 64):
         per_thread = <size_t>((w.max_split + a.head_dim_v) * 8 + 64)
     per_thread = (per_thread + 63) // 64 * 64

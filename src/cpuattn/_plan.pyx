@@ -279,6 +279,17 @@ cdef class PagedPlan:
             return None
         return np.append(self._seqs[0], self.num_queries).astype(np.int32)
 
+    @property
+    def _shared_items(self):
+        """(items run for several sequences, sequence items they cover) in
+        the plan's work list; (0, 0) before its first run. For tests."""
+        cdef int64_t i, n = 0, cover = 0
+        for i in range(self._work.n_items):
+            if self._work.items[i].nshare > 1:
+                n += 1
+                cover += self._work.items[i].nshare
+        return n, cover
+
     def __repr__(self):
         return (f"PagedPlan(batch_size={self.batch_size}, num_queries={self.num_queries}, "
                 f"page_size={self.page_size}, num_pages={self.num_pages})")

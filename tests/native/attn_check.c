@@ -223,9 +223,14 @@ static int run_case(const tcase *c, int isa)
     cpa_fwd_item *items = malloc((size_t)(ni + 1) * sizeof *items);
     cpa_fwd_merge *merges = malloc((size_t)(nm + 1) * sizeof *merges);
     cpa_fwd_plan(&a, items, merges, &nm, &ns);
+    int64_t dec_rows = 0;
+    if (cpa_fwd_share(&a, items, ni, &dec_rows) < 0) {
+        printf("FAIL %-28s %-10s out of memory\n", c->name, cpa_isa_name(isa));
+        return 1;
+    }
     int64_t max_split = 0;
     for (int64_t i = 0; i < nm; i++) if (merges[i].nsplit > max_split) max_split = merges[i].nsplit;
-    size_t sb = cpa_fwd_scratch_bytes(&a, cpa_fwd_uses_tiled(&a));
+    size_t sb = cpa_fwd_scratch_bytes(&a, cpa_fwd_uses_tiled(&a), dec_rows);
     if (sb < (size_t)((max_split + Dv) * 8 + 64)) sb = (size_t)((max_split + Dv) * 8 + 64);
     sb = (sb + 63) / 64 * 64;
     /* malloc + manual alignment: the Windows C runtime has no aligned_alloc */

@@ -3,6 +3,7 @@
  * target region below; nothing here depends on the thread count. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -99,7 +100,7 @@ typedef struct {
 } cpa_tiled_layout;
 
 typedef struct {
-    size_t qs, sc, o, m, l, row, srow, total;
+    size_t qs, sc, o, m, l, row, srow, rows, total;
     int64_t qstride, scstride;
 } cpa_decode_layout;
 
@@ -135,13 +136,14 @@ static void cpa_tiled_plan(const cpa_fwd_args *a, size_t tsize, cpa_tiled_layout
     L->total = at;
 }
 
-/* Decode scratch: rows R = head-in-item * M + r of q (pre-scaled), scores
- * (keys of one split), the output accumulator, running max and sum; row
- * addresses of the item's keys for its first kv head, and of their scales
- * (K in pass 1, V in pass 2). */
-static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layout *L)
+/* Decode scratch for `rows` query rows (R = head-in-item * M + r): q
+ * (pre-scaled), scores (keys of one split), the output accumulator, running
+ * max and sum; row addresses of the item's keys for its first kv head, and
+ * of their scales (K in pass 1, V in pass 2); per row r < M its visible keys
+ * lo, hi and its sequence and query token (4 arrays of int64). */
+static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, int64_t rows, cpa_decode_layout *L)
 {
-    const int64_t rows = cpa_dec_heads(a) * CPA_DEC_MAX_M, split = cpa_split_keys(a, 1);
+    const int64_t split = cpa_split_keys(a, 1);
     L->qstride = cpa_roundup(a->head_dim_qk, 16);
     L->scstride = split + 16;   /* a score row, padded to any vector length */
     size_t at = 0;
@@ -152,17 +154,18 @@ static void cpa_decode_plan(const cpa_fwd_args *a, size_t tsize, cpa_decode_layo
     L->l = cpa_take(&at, (size_t)rows * tsize);
     L->row = cpa_take(&at, (size_t)split * sizeof(void *));
     L->srow = cpa_take(&at, (size_t)split * sizeof(void *));
+    L->rows = cpa_take(&at, (size_t)rows * 4 * sizeof(int64_t));
     L->total = at;
 }
 
 static size_t cpa_tsize(const cpa_fwd_args *a) { return a->q_dtype == CPA_F64 ? 8 : 4; }
 
-size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled)
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled, int64_t dec_rows)
 {
     cpa_tiled_layout t;
     cpa_decode_layout d;
     cpa_tiled_plan(a, cpa_tsize(a), &t);
-    cpa_decode_plan(a, cpa_tsize(a), &d);
+    cpa_decode_plan(a, cpa_tsize(a), cpa_max(dec_rows, cpa_dec_heads(a) * CPA_DEC_MAX_M), &d);
     if (!any_tiled)
         t.total = 0;
     return (t.total > d.total ? t.total : d.total) + CPA_ALIGN;
@@ -222,6 +225,7 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
                     if (items) {
                         cpa_fwd_item *it = &items[ni];
                         it->seq = b; it->kvh = h; it->nkvh = nh; it->qblock = (int32_t)qb;
+                        it->nshare = 1;
                         it->slot = nsplit > 1 ? ns + s : -1;
                         it->key_lo = nsplit > 1 ? cpa_max(ulo, (c0 + s) * split) : ulo;
                         it->key_hi = nsplit > 1 ? cpa_min(uhi, (c0 + s + 1) * split - 1) : uhi;
@@ -238,6 +242,120 @@ int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *
     *n_merges = nm;
     *n_slots = ns;
     return ni;
+}
+
+/* ---- shared-prefix decode ----
+ * Query rows of one shared item (all its kv heads): its scores (rows x one
+ * split), q and output rows stay in a core's L2 (about 800 KB at D 128). */
+#define CPA_SHARE_ROWS 256
+
+/* Whether item x can run with items of other sequences (decode, some key). */
+static int cpa_shareable(const cpa_fwd_args *a, const cpa_fwd_item *x)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    return x->key_hi >= x->key_lo && cpa_use_decode(g, a->q_len[x->seq]);
+}
+
+/* The pages of item x's keys, as a hash (with its heads and key range). */
+static uint64_t cpa_item_hash(const cpa_fwd_args *a, const cpa_fwd_item *x)
+{
+    const int32_t *chain = a->block_table + x->seq * a->bt_stride;
+    uint64_t h = 1469598103934665603ull;
+    const int64_t head[4] = {x->kvh, x->nkvh, x->key_lo, x->key_hi};
+    for (int i = 0; i < 4; i++) h = (h ^ (uint64_t)head[i]) * 1099511628211ull;
+    for (int64_t p = x->key_lo / a->page_size; p <= x->key_hi / a->page_size; p++)
+        h = (h ^ (uint32_t)chain[p]) * 1099511628211ull;
+    return h;
+}
+
+/* Whether items x and y read the same rows: heads, keys, the page of each. */
+static int cpa_same_rows(const cpa_fwd_args *a, const cpa_fwd_item *x, const cpa_fwd_item *y)
+{
+    if (x->kvh != y->kvh || x->nkvh != y->nkvh || x->key_lo != y->key_lo || x->key_hi != y->key_hi)
+        return 0;
+    const int32_t *cx = a->block_table + x->seq * a->bt_stride, *cy = a->block_table + y->seq * a->bt_stride;
+    for (int64_t p = x->key_lo / a->page_size; p <= x->key_hi / a->page_size; p++)
+        if (cx[p] != cy[p]) return 0;
+    return 1;
+}
+
+typedef struct { uint64_t hash; int64_t i; } cpa_share_key;
+
+static int cpa_share_cmp(const void *x, const void *y)
+{
+    const cpa_share_key *p = x, *q = y;
+    if (p->hash != q->hash) return p->hash < q->hash ? -1 : 1;
+    return (p->i > q->i) - (p->i < q->i);
+}
+
+int cpa_fwd_share(const cpa_fwd_args *a, cpa_fwd_item *items, int64_t n, int64_t *max_rows)
+{
+    const int64_t g = a->num_heads / a->num_kv_heads;
+    *max_rows = 0;
+    if (!a->block_table || n < 2)
+        return 0;
+    cpa_share_key *keys = malloc((size_t)n * sizeof *keys);
+    int64_t *next = malloc((size_t)n * 2 * sizeof *next);   /* next member of a chunk; chunk state */
+    cpa_fwd_item *out = malloc((size_t)n * sizeof *out);
+    if (!keys || !next || !out) {
+        free(keys); free(next); free(out);
+        return -1;
+    }
+    int64_t *lead = next + n;   /* -1: an item of its own; else its chunk's first item */
+    int64_t nk = 0;
+    for (int64_t i = 0; i < n; i++) {
+        next[i] = lead[i] = -1;
+        if (cpa_shareable(a, &items[i])) {
+            keys[nk].hash = cpa_item_hash(a, &items[i]);
+            keys[nk++].i = i;
+        }
+    }
+    qsort(keys, (size_t)nk, sizeof *keys, cpa_share_cmp);
+    /* within each run of one hash (in item order), members of one group of
+     * equal rows are cut into chunks of at most CPA_SHARE_ROWS rows */
+    for (int64_t s = 0, e; s < nk; s = e) {
+        for (e = s + 1; e < nk && keys[e].hash == keys[s].hash; e++) {}
+        for (int64_t u = s; u < e; u++) {
+            const int64_t first = keys[u].i;
+            if (lead[first] >= 0) continue;
+            int64_t chunk = first, last = first, rows = g * a->q_len[items[first].seq];
+            lead[first] = first;
+            for (int64_t w = u + 1; w < e; w++) {
+                const int64_t j = keys[w].i, mj = g * a->q_len[items[j].seq];
+                if (lead[j] >= 0 || !cpa_same_rows(a, &items[first], &items[j])) continue;
+                if ((rows + mj) * items[j].nkvh > CPA_SHARE_ROWS) {
+                    chunk = last = j;   /* a new chunk of the same group */
+                    rows = 0;
+                } else {
+                    next[last] = j;
+                    last = j;
+                }
+                lead[j] = chunk;
+                rows += mj;
+            }
+        }
+    }
+    /* each chunk in place of its first item, its members after it */
+    int64_t no = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (lead[i] < 0) {
+            out[no] = items[i];
+            *max_rows = cpa_max(*max_rows, out[no++].nkvh * g * a->q_len[items[i].seq]);
+        } else if (lead[i] == i) {
+            const int64_t first = no;
+            int64_t rows = 0;
+            for (int64_t j = i; j >= 0; j = next[j]) {
+                out[no] = items[j];
+                out[no++].nshare = 0;
+                rows += g * a->q_len[items[j].seq];
+            }
+            out[first].nshare = (int32_t)(no - first);
+            *max_rows = cpa_max(*max_rows, out[first].nkvh * rows);
+        }
+    }
+    memcpy(items, out, (size_t)n * sizeof *out);
+    free(keys); free(next); free(out);
+    return 0;
 }
 
 #define CPA_T_BODY "rowio_t.h"

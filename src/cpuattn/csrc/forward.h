@@ -56,6 +56,11 @@ static inline int cpa_tree_hides(const cpa_fwd_args *a, int64_t b, int64_t t, in
 typedef struct {
     int64_t seq, slot;              /* slot: partial-result slot, -1 = write the output */
     int32_t kvh, nkvh, qblock;      /* kv heads [kvh, kvh + nkvh) */
+    /* decode items of several sequences that read the same pages for the
+     * same keys run as one (cpa_fwd_share): 1 = an item of its own; n > 1 =
+     * this item and the n - 1 after it, run together by this one; 0 = run
+     * by an earlier item (its kernel call does nothing) */
+    int32_t nshare;
     int64_t key_lo, key_hi;         /* keys this item reads: [key_lo, key_hi] */
 } cpa_fwd_item;
 
@@ -68,10 +73,19 @@ typedef struct {
  * *n_merges and *n_slots receive the merge count and partial-slot count. */
 int64_t cpa_fwd_plan(const cpa_fwd_args *a, cpa_fwd_item *items, cpa_fwd_merge *merges,
                      int64_t *n_merges, int64_t *n_slots);
+/* Shared-prefix decode: reorders a filled work list so that decode items of
+ * different sequences reading the same physical pages (same kv heads, same
+ * key range, the same page at every position of it) follow each other, and
+ * marks them (nshare) to run as one item that reads those pages once for all
+ * their query rows. Each row's arithmetic stays that of its own item, so
+ * results are bitwise unchanged. *max_rows receives the most query rows (kv
+ * heads x rows) of one decode item. Returns 0, or -1 when out of memory. */
+int cpa_fwd_share(const cpa_fwd_args *a, cpa_fwd_item *items, int64_t n, int64_t *max_rows);
 /* Whether any sequence runs the tiled kernel (else all run the decode one). */
 int cpa_fwd_uses_tiled(const cpa_fwd_args *a);
-/* Scratch bytes one thread needs, and bytes of one partial slot. */
-size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled);
+/* Scratch bytes one thread needs (dec_rows: cpa_fwd_share's max_rows, or
+ * 0), and bytes of one partial slot. */
+size_t cpa_fwd_scratch_bytes(const cpa_fwd_args *a, int any_tiled, int64_t dec_rows);
 size_t cpa_fwd_slot_bytes(const cpa_fwd_args *a);
 
 typedef void (*cpa_fwd_item_fn)(const cpa_fwd_args *, const cpa_fwd_item *, char *scratch,

@@ -292,40 +292,56 @@ static void TN(tiled)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scrat
  * V in the same order and accumulates P V into rows that stay in L1. Both
  * passes prefetch the rows CPA_DEC_AHEAD bytes ahead. Each score and output
  * element is summed in the same order whatever the blocking, so results do
- * not depend on the split of work. */
+ * not depend on the split of work.
+ * A shared item (it->nshare > 1, cpa_fwd_share) runs the query rows of
+ * several sequences that read the same pages for these keys: M is the sum of
+ * their rows, the pages are read once for all of them, and since no row's
+ * arithmetic depends on the rows beside it, each row's result is bitwise
+ * that of its own item. */
 static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scratch, char *partials)
 {
-    const int64_t b = it->seq, kvh0 = it->kvh, nh = it->nkvh;
-    const int64_t nq = a->q_len[b], Sk = a->k_len[b];
-    const int64_t g = a->num_heads / a->num_kv_heads, M = g * nq, R = nh * M;
+    if (it->nshare == 0)
+        return;   /* run by the shared item before it */
+    const int64_t kvh0 = it->kvh, nh = it->nkvh, ns = it->nshare;
+    const int64_t g = a->num_heads / a->num_kv_heads;
     const int64_t Dv = a->head_dim_v;
+    int64_t M = 0;
+    for (int64_t m = 0; m < ns; m++) M += g * a->q_len[it[m].seq];
+    const int64_t R = nh * M;
 
     cpa_decode_layout L;
-    cpa_decode_plan(a, sizeof(T), &L);
+    cpa_decode_plan(a, sizeof(T), R, &L);
     T *mrow = (T *)(scratch + L.m), *lrow = (T *)(scratch + L.l);
-    int64_t lo[CPA_DEC_MAX_M], hi[CPA_DEC_MAX_M], ilo = 0, ihi = Sk - 1;
+    int64_t *lo = (int64_t *)(scratch + L.rows), *hi = lo + M, *rseq = hi + M, *rtok = rseq + M;
+    int64_t ilo = 0, ihi = INT64_MAX;
     const int64_t k0 = it->key_lo, n = cpa_max(it->key_hi - it->key_lo + 1, 0);
     TN(dec) c = {
-        .a = a, .b = b, .kvh0 = kvh0, .nh = nh, .M = M, .k0 = k0, .n = n,
+        .a = a, .b = it->seq, .kvh0 = kvh0, .nh = nh, .M = M, .k0 = k0, .n = n,
         .qst = L.qstride, .scs = L.scstride,
         .qs = (T *)(scratch + L.qs), .sc = (T *)(scratch + L.sc), .o = (T *)(scratch + L.o),
         .row = (const void **)(scratch + L.row), .srow = (const void **)(scratch + L.srow),
-        .lo = lo, .hi = hi,
+        .lo = lo, .hi = hi, .rseq = rseq, .rtok = rtok,
     };
 
-    /* keys row r sees (the same for every head), and those every row sees */
-    for (int64_t r = 0; r < M; r++) {
-        cpa_visible_keys(&a->mask, nq, Sk, r / g, &lo[r], &hi[r]);
-        if (lo[r] > ilo) ilo = lo[r];
-        if (hi[r] < ihi) ihi = hi[r];
+    /* row r = the rows of the items in turn: keys it sees (the same for
+     * every head), its sequence and token; and the keys every row sees */
+    for (int64_t m = 0, r = 0; m < ns; m++) {
+        const int64_t b = it[m].seq, nq = a->q_len[b], Sk = a->k_len[b];
+        for (int64_t rl = 0; rl < g * nq; rl++, r++) {
+            rseq[r] = b;
+            rtok[r] = rl / g;
+            cpa_visible_keys(&a->mask, nq, Sk, rl / g, &lo[r], &hi[r]);
+            ilo = cpa_max(ilo, lo[r]);
+            ihi = cpa_min(ihi, cpa_min(hi[r], Sk - 1));
+        }
+        if (a->tree)   /* draft keys are seen per the tree: none by every row */
+            ihi = cpa_min(ihi, Sk - nq - 1);
     }
-    if (a->tree)   /* draft keys are seen per the tree: none by every row */
-        ihi = cpa_min(ihi, Sk - nq - 1);
     c.s0 = cpa_min(cpa_max(ilo - k0, 0), n);
     c.s1 = cpa_max(cpa_min(ihi - k0 + 1, n), c.s0);
     for (int64_t hh = 0; hh < nh; hh++)
         for (int64_t r = 0; r < M; r++)
-            RN_CALL(load_q_row)(a, cpa_at(&a->q, b, a->q_start[b] + r / g, (kvh0 + hh) * g + r % g),
+            RN_CALL(load_q_row)(a, cpa_at(&a->q, rseq[r], a->q_start[rseq[r]] + rtok[r], (kvh0 + hh) * g + r % g),
                                 c.qs + (hh * M + r) * c.qst, 1, (T)a->scale);
 
     TN(kv_table)[a->k_dtype].scores(&c);
@@ -336,13 +352,13 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
     for (int k = 0; k < VL; k++) iota[k] = (T)k;
     const T cap = (T)a->softcap;
     for (int64_t rr = 0; rr < R; rr++) {
-        const int64_t r = rr % M;
+        const int64_t r = rr % M, b = rseq[r], nq = a->q_len[b], Sk = a->k_len[b];
         T *s = c.sc + rr * c.scs;
         if (cap > 0)
             for (int64_t i = 0; i < npad; i += VL) TN(vst)(s + i, cap * TN(vtanh)(TN(vld)(s + i) / cap));
         if (a->alibi) {   /* - slope * |p - j|, p - j = (p - k0) - i */
             const V slope = TN(vset1)((T)a->alibi[(kvh0 + rr / M) * g + r % g]);
-            V dist = TN(vset1)((T)(r / g + Sk - nq - k0)) - iota;
+            V dist = TN(vset1)((T)(rtok[r] + Sk - nq - k0)) - iota;
             for (int64_t i = 0; i < npad; i += VL, dist -= (T)VL)
                 TN(vst)(s + i, TN(vld)(s + i) - slope * TN(vmax)(dist, -dist));
         }
@@ -352,7 +368,7 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
         for (int64_t i = v1; i < npad; i++) s[i] = -INFINITY;
         if (a->tree)
             for (int64_t i = cpa_max(v0, Sk - nq - k0); i < v1; i++)
-                if (cpa_tree_hides(a, b, r / g, k0 + i)) s[i] = -INFINITY;
+                if (cpa_tree_hides(a, b, rtok[r], k0 + i)) s[i] = -INFINITY;
         V mx = TN(vset1)(-INFINITY);
         for (int64_t i = 0; i < npad; i += VL) mx = TN(vmax)(mx, TN(vld)(s + i));
         T mr = -INFINITY;
@@ -370,15 +386,22 @@ static void TN(decode)(const cpa_fwd_args *a, const cpa_fwd_item *it, char *scra
 
     TN(kv_table)[a->v_dtype].values(&c);
 
-    for (int64_t rr = 0; rr < R; rr++) {
-        const int64_t kvh = kvh0 + rr / M, r = rr % M;
-        if (it->slot < 0) {
-            RN_CALL(store_row)(a, b, r / g, kvh * g + r % g, c.o + rr * Dv, 1, mrow[rr], lrow[rr]);
-        } else {
-            T *part = (T *)(partials + it->slot * cpa_fwd_slot_bytes(a)) + rr * (Dv + 2);
-            memcpy(part, c.o + rr * Dv, (size_t)Dv * sizeof(T));
-            part[Dv] = mrow[rr]; part[Dv + 1] = lrow[rr];
-        }
+    /* each item's rows to its output or its partial slot (rows hh * Mm + rl) */
+    for (int64_t m = 0, r0 = 0; m < ns; m++) {
+        const int64_t b = it[m].seq, Mm = g * a->q_len[b];
+        for (int64_t hh = 0; hh < nh; hh++)
+            for (int64_t rl = 0; rl < Mm; rl++) {
+                const int64_t rr = hh * M + r0 + rl;
+                if (it[m].slot < 0) {
+                    RN_CALL(store_row)(a, b, rl / g, (kvh0 + hh) * g + rl % g, c.o + rr * Dv, 1,
+                                       mrow[rr], lrow[rr]);
+                } else {
+                    T *part = (T *)(partials + it[m].slot * cpa_fwd_slot_bytes(a)) + (hh * Mm + rl) * (Dv + 2);
+                    memcpy(part, c.o + rr * Dv, (size_t)Dv * sizeof(T));
+                    part[Dv] = mrow[rr]; part[Dv + 1] = lrow[rr];
+                }
+            }
+        r0 += Mm;
     }
 }
 

@@ -381,25 +381,29 @@ static inline __attribute__((always_inline)) void FN(dec_sweep)(const TN(dec) *c
     const int64_t ahead = cpa_prefetch_distance(nh * FN(nbytes)(D));
     for (int64_t i = b0; i < b0 + ahead && i < b1; i++)
         for (int64_t hh = 0; hh < nh; hh++) cpa_prefetch_bytes(rows[i] + hh * xh, FN(nbytes)(D));
-    for (int64_t i0 = b0; i0 < b1; i0 += TB) {
-        const int full = i0 + TB <= b1;
-        for (int64_t hh = 0; hh < nh; hh++) {
-            const T *q = c->qs + hh * M * qst;
-            T *ob = c->o + hh * M * D, *s = c->sc + hh * M * scs + i0;
-            const KS *xr[TB], *pf[TB];
-            const char *xsr[TB];
-            for (int t = 0; t < TB; t++) pf[t] = rows[cpa_min(i0 + ahead + t, b1 - 1)] + hh * xh;
-            const int64_t nb = full ? TB : 1;
-            for (int64_t i = i0; i < (full ? i0 + 1 : b1); i++, s++) {
-                for (int t = 0; t < nb; t++) {
-                    xr[t] = rows[i + t] + hh * xh;
-                    xsr[t] = FN(SCALE_BYTES) ? srows[i + t] + hh * xsh : NULL;
-                }
-                if (full && values) DEC_ROWS(DEC_PV_AT, M, TB);
-                else if (full) DEC_ROWS(DEC_QK_AT, M, TB);
-                else if (values) DEC_ROWS(DEC_PV_AT, M, 1);
-                else DEC_ROWS(DEC_QK_AT, M, 1);
+    /* many rows (a shared item): CH tokens of one head at a time, so that
+     * the head's q or output rows stay in L1 over them (each row still sees
+     * the keys in order) */
+    const int64_t CH = M > CPA_DEC_MAX_M ? 4 * TB : TB;
+    for (int64_t c0 = b0; c0 < b1; c0 += CH)
+    for (int64_t hh = 0; hh < nh; hh++)
+    for (int64_t i0 = c0, c1 = cpa_min(c0 + CH, b1); i0 < c1; i0 += TB) {
+        const int full = i0 + TB <= c1;
+        const T *q = c->qs + hh * M * qst;
+        T *ob = c->o + hh * M * D, *s = c->sc + hh * M * scs + i0;
+        const KS *xr[TB], *pf[TB];
+        const char *xsr[TB];
+        for (int t = 0; t < TB; t++) pf[t] = rows[cpa_min(i0 + ahead + t, b1 - 1)] + hh * xh;
+        const int64_t nb = full ? TB : 1;
+        for (int64_t i = i0; i < (full ? i0 + 1 : c1); i++, s++) {
+            for (int t = 0; t < nb; t++) {
+                xr[t] = rows[i + t] + hh * xh;
+                xsr[t] = FN(SCALE_BYTES) ? srows[i + t] + hh * xsh : NULL;
             }
+            if (full && values) DEC_ROWS(DEC_PV_AT, M, TB);
+            else if (full) DEC_ROWS(DEC_QK_AT, M, TB);
+            else if (values) DEC_ROWS(DEC_PV_AT, M, 1);
+            else DEC_ROWS(DEC_QK_AT, M, 1);
         }
     }
 }
@@ -420,14 +424,13 @@ static void FN(dec_pv_seen)(const TN(dec) *c, int64_t i0, int64_t i1)
 {
     const cpa_fwd_args *a = c->a;
     const int64_t M = c->M, Dv = a->head_dim_v, vh = a->v.head, vsh = a->v_scale.head * FN(SCALE_BYTES);
-    const int64_t g = a->num_heads / a->num_kv_heads;
     const KS **vrow = (const KS **)c->row;
     const char **vsrow = (const char **)c->srow;
     for (int64_t i = i0; i < i1; i++)
         for (int64_t rr = 0; rr < c->nh * M; rr++) {
             const int64_t r = rr % M;
             if (c->k0 + i < c->lo[r] || c->k0 + i > c->hi[r]
-                || cpa_tree_hides(a, c->b, r / g, c->k0 + i)) continue;
+                || cpa_tree_hides(a, c->rseq[r], c->rtok[r], c->k0 + i)) continue;
             const KS *vr = vrow[i] + (rr / M) * vh;
             const char *vsr = FN(SCALE_BYTES) ? vsrow[i] + (rr / M) * vsh : NULL;
             FN(dec_pv)(c->o + rr * Dv, 0, c->sc + rr * c->scs + i, 0, &vr, &vsr, Dv, NULL, 1, 1);

@@ -3,16 +3,18 @@
  * state and the table of a storage type's functions. Included by
  * forward_isa.h after simd_t.h. */
 
-/* One decode item (forward_items.h, decode): nh kv heads from kvh0, M = g *
- * nq query rows each (row R = head-in-item * M + r), keys k0 .. k0 + n - 1,
- * of which [s0, s1) are seen by every row and [lo[r], hi[r]] by row r. */
+/* One decode item (forward_items.h, decode): nh kv heads from kvh0, M query
+ * rows each (row R = head-in-item * M + r; g * nq of sequence b, or of
+ * several sequences reading the same pages: b's chain locates the rows),
+ * keys k0 .. k0 + n - 1, of which [s0, s1) are seen by every row and
+ * [lo[r], hi[r]] by row r, query token rtok[r] of sequence rseq[r]. */
 typedef struct {
     const cpa_fwd_args *a;
     int64_t b, kvh0, nh, M, k0, n, s0, s1;
     int64_t qst, scs;            /* row strides of qs and sc */
     T *qs, *sc, *o;              /* pre-scaled q rows, scores, output rows */
     const void **row, **srow;    /* scratch: n row addresses, n scale-row addresses */
-    const int64_t *lo, *hi;
+    const int64_t *lo, *hi, *rseq, *rtok;
 } TN(dec);
 
 enum { TN(DEC_TB) = VBYTES == 64 ? 4 : 2 };   /* key rows per block: what the registers hold */
