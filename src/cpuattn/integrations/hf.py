@@ -36,6 +36,7 @@ import torch
 from ..dense import attention
 from ..errors import CpuAttnError, DTypeError, ShapeError
 from ..torch import _to_numpy, _to_torch
+from .hf_paged import PagedCache, PagedKV, attention_forward as _paged_attention_forward
 
 NAME = "cpuattn"
 
@@ -205,6 +206,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (gpt-oss's ``s_aux``, or ``sinks``: one logit per query head) are
     honoured.
     """
+    if isinstance(key, PagedKV):    # K/V kept in a PagedCache's pool: attend over its pages
+        return _paged_attention_forward(module, query, key, value, attention_mask, dropout,
+                                        scaling, is_causal, softcap, sliding_window, **kwargs)
     if dropout:
         raise CpuAttnError(f"dropout: cpuattn has no attention dropout, got {dropout}")
     # gpt-oss passes its per-head attention sinks as s_aux
