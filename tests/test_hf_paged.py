@@ -422,7 +422,7 @@ def test_mask_it_cannot_express_raises_and_rolls_back(llama):
     with torch.no_grad():
         with pytest.raises(ShapeError, match="not of that form"):
             ours(ids, attention_mask=full, past_key_values=cache)
-        assert cache.get_seq_length() == 0 and cache.nbytes == 0 and cache._seqs is None
+        assert cache.get_seq_length() == 0 and cache.nbytes == 0 and cache.batch_size == -1
         ours(ids, attention_mask=mask, past_key_values=cache)
         with pytest.raises(ShapeError, match="padding tokens"):   # no mask over padding
             ids2, mask2 = padded([6, 3], 6, seed=23)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .._pool import PagePool
 from ..errors import CpuAttnError, PoolFullError, ShapeError
@@ -69,29 +70,39 @@ class PagedKV(torch.Tensor):
             "model with attn_implementation='cpuattn' (after cpuattn.integrations.hf.register()) "
             "and use a model whose attention passes the cache's K/V straight to it")
 
-    def __repr__(self) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return f"PagedKV(layer={self.layer})"
 
 
-class _LayerView:
+class _LayerView(CacheLayerMixin):
     """``cache.layers[i]``: the per-layer facts transformers reads (sliding or
-    not, lengths); the K/V themselves are in the cache's pool."""
+    not, lengths); the K/V themselves are in the cache's pool and only
+    :meth:`PagedCache.update` stores them."""
 
     is_compileable = False
     is_croppable = True
     supports_early_init = False     # nothing to allocate per layer
 
     def __init__(self, cache: PagedCache, sliding_window: int | None):
+        # no super().__init__: there are no per-layer keys / values tensors
         self._cache = cache
         self.is_sliding = sliding_window is not None
         self.sliding_window = sliding_window
 
     @property
     def is_initialized(self) -> bool:
-        return self._cache._seqs is not None
+        return bool(self._cache._seqs)
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise CpuAttnError("PagedCache: layers are updated through the cache "
+                           "(cache.update(k, v, layer_idx)), not one by one")
 
     def get_max_length(self) -> int:
         return -1
@@ -110,11 +121,11 @@ class _Step:
         self.next_layer = 0
         self.pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.shape: tuple[int, ...] = ()           # of layer 0's K/V; every layer's
-        self.real_new: torch.Tensor | None = None   # (B, q_len) bool, set when placed
+        self.real_new = torch.zeros((0, 0), dtype=torch.bool)   # (B, q_len) once placed
         self.placed = False         # pool sequences touched: _abort must undo
         self.created = False        # the pool sequences were made by this step
         self.lengths: list[int] = []   # pool lengths before the step
-        self.slots: np.ndarray | None = None
+        self.slots = np.zeros(0, np.int64)
         self.plan: Any = None
         self.checked: list[tuple[Any, int | None]] = []   # masks already verified
 
@@ -130,12 +141,7 @@ def _dtype_name(x: Any) -> Any:
     return str(x).removeprefix("torch.") if isinstance(x, torch.dtype) else x
 
 
-def _cache_base():
-    from transformers.cache_utils import Cache
-    return Cache
-
-
-class PagedCache(_cache_base()):
+class PagedCache(Cache):
     """A transformers ``Cache`` whose layers keep K/V in one multi-layer
     :class:`cpuattn.PagePool`, read in place by the "cpuattn" attention
     function (paged attention over the pages, low-bit ones included).
@@ -209,8 +215,8 @@ class PagedCache(_cache_base()):
         windows = self._windows() if self._unservable is None else [None] * self.num_layers
         super().__init__(layers=[_LayerView(self, w) for w in windows])
         self.pool: PagePool | None = None
-        self._seqs: list[int] | None = None     # pool sequence of each batch row
-        self._real: torch.Tensor | None = None  # (B, length) bool: column is a stored token
+        self._seqs: list[int] = []              # pool sequence of each batch row
+        self._real = torch.zeros((0, 0), dtype=torch.bool)  # (B, length): a stored token
         self._length = 0                        # mask columns, padding included
         self._step: _Step | None = None
         if self._batch_size is not None:
@@ -233,7 +239,7 @@ class PagedCache(_cache_base()):
     @property
     def batch_size(self) -> int:
         """Sequences held (batch rows), else the ``batch_size`` argument, else -1."""
-        if self._seqs is not None:
+        if self._seqs:
             return len(self._seqs)
         return -1 if self._batch_size is None else self._batch_size
 
@@ -241,10 +247,11 @@ class PagedCache(_cache_base()):
     def nbytes(self) -> int:
         """Bytes of the pages the cache's sequences use (K, V and scales,
         all layers; a page shared by forks counted once)."""
-        if self.pool is None or not self._seqs:
+        if not self._seqs:
             return 0
-        used = np.unique(np.concatenate([self.pool.pages(s) for s in self._seqs]))
-        return int(used.size) * (self.pool.nbytes // self.pool.num_pages)
+        pool = self._pool()
+        used = np.unique(np.concatenate([pool.pages(s) for s in self._seqs]))
+        return int(used.size) * (pool.nbytes // pool.num_pages)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[PagedKV, PagedKV]:
@@ -257,22 +264,21 @@ class PagedCache(_cache_base()):
         previous layer's attention. Raises CpuAttnError otherwise, or for a
         model / attention implementation the cache cannot serve.
         """
+        step = self._step
         if layer_idx == 0:
             self._abort()
             self._check_servable(key_states, value_states)
-            self._step = _Step(key_states.shape[2])
-        else:
-            step = self._step
+            step = self._step = _Step(key_states.shape[2])
+            step.shape = tuple(key_states.shape)
+        elif step is None or step.pending is not None or layer_idx != step.next_layer \
+                or tuple(key_states.shape) != step.shape:
             expected = None if step is None else step.next_layer
-            if step is None or step.pending is not None or layer_idx != expected \
-                    or tuple(key_states.shape) != tuple(step.shape):
-                self._abort()
-                raise CpuAttnError(
-                    f"PagedCache: update of layer {layer_idx} came out of order (expected layer "
-                    f"{expected}, each after the previous layer's cpuattn attention call, with "
-                    "K/V of the same shape); this model's layers cannot share one paged pool")
-        self._step.shape = tuple(key_states.shape)
-        self._step.pending = (layer_idx, key_states, value_states)
+            self._abort()
+            raise CpuAttnError(
+                f"PagedCache: update of layer {layer_idx} came out of order (expected layer "
+                f"{expected}, each after the previous layer's cpuattn attention call, with "
+                "K/V of the same shape); this model's layers cannot share one paged pool")
+        step.pending = (layer_idx, key_states, value_states)
         return PagedKV.make(self, layer_idx), PagedKV.make(self, layer_idx)
 
     # ---- cache surgery between forward passes --------------------------------
@@ -280,9 +286,8 @@ class PagedCache(_cache_base()):
     def reset(self) -> None:
         """Drop every sequence (the pool stays, all pages free)."""
         self._abort()
-        for s in self._seqs or ():
-            self.pool.free_sequence(s)
-        self._seqs, self._real, self._length = None, None, 0
+        self._drop_sequences()
+        self._length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` columns (a negative int, as
@@ -292,11 +297,12 @@ class PagedCache(_cache_base()):
         if n > 0 or -n > self._length:
             raise ShapeError(f"tokens_to_remove: expected an int in [-{self._length}, 0], "
                              f"got {tokens_to_remove!r}")
-        if n == 0 or self._seqs is None:
+        if n == 0 or not self._seqs:
             return
         keep = self._length + n
+        pool = self._pool()
         for s, row in zip(self._seqs, self._real):
-            self.pool.truncate(s, int(row[:keep].sum()))
+            pool.truncate(s, int(row[:keep].sum()))
         self._real = self._real[:, :keep]
         self._length = keep
 
@@ -306,8 +312,7 @@ class PagedCache(_cache_base()):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row repeated ``repeats`` times in place."""
-        if self._seqs is not None:
-            self._reindex(torch.arange(len(self._seqs)).repeat_interleave(int(repeats)))
+        self._reindex(torch.arange(len(self._seqs)).repeat_interleave(int(repeats)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices``."""
@@ -315,16 +320,16 @@ class PagedCache(_cache_base()):
 
     def _reindex(self, indices: Any) -> None:
         self._abort()
-        if self._seqs is None:
+        if not self._seqs:
             return
         idx = torch.as_tensor(indices).reshape(-1).cpu()
         rows = idx.tolist()
         if any(not -len(self._seqs) <= i < len(self._seqs) for i in rows):
             raise ShapeError(f"indices: expected rows in [0, {len(self._seqs)}), got {rows}")
-        new = [self.pool.fork(self._seqs[i]) for i in rows]
-        for s in self._seqs:
-            self.pool.free_sequence(s)
-        self._seqs, self._real = new, self._real[idx]
+        real = self._real[idx]
+        new = [self._pool().fork(self._seqs[i]) for i in rows]
+        self._drop_sequences()
+        self._seqs, self._real = new, real
 
     # ---- internals ---------------------------------------------------------------
 
@@ -333,7 +338,6 @@ class PagedCache(_cache_base()):
         cfg = self.config
         if getattr(cfg, "is_encoder_decoder", False):
             return "encoder-decoder models are not supported"
-        from transformers.cache_utils import get_layer_types_and_kwargs
         types, _ = get_layer_types_and_kwargs(cfg)
         bad = sorted(set(types) - set(_LAYER_TYPES))
         if bad or len(types) != self.num_layers:
@@ -342,7 +346,6 @@ class PagedCache(_cache_base()):
         return None
 
     def _windows(self) -> list[int | None]:
-        from transformers.cache_utils import get_layer_types_and_kwargs
         types, kwargs = get_layer_types_and_kwargs(self.config)
         return [kw.get("sliding_window") if t == "sliding_attention" else None
                 for t, kw in zip(types, kwargs)]
@@ -367,16 +370,28 @@ class PagedCache(_cache_base()):
                 f"key_states/value_states: PagedCache expected (batch, {want[0]}, q_len, "
                 f"{want[1]}) for both (from the config), got {tuple(k.shape)} and "
                 f"{tuple(v.shape)}")
-        if self._seqs is not None and k.shape[0] != len(self._seqs):
+        if self._seqs and k.shape[0] != len(self._seqs):
             raise ShapeError(f"key_states: the cache holds {len(self._seqs)} sequences, "
                              f"got a batch of {k.shape[0]}")
 
-    def _make_pool(self, batch: int) -> None:
+    def _make_pool(self, batch: int) -> PagePool:
         # every sequence may end in a partial page: ceil(max/P) + batch - 1
         pages = -(-self.max_tokens // self.page_size) + batch - 1
         self.pool = PagePool(pages, self.page_size, self.num_kv_heads, self.head_dim,
                              k_dtype=self.k_dtype, v_dtype=self.v_dtype,
                              num_layers=self.num_layers)
+        return self.pool
+
+    def _pool(self) -> PagePool:
+        """The pool, which exists whenever sequences do."""
+        if self.pool is None:
+            raise CpuAttnError("PagedCache: no pool yet (made at the first forward pass)")
+        return self.pool
+
+    def _drop_sequences(self) -> None:
+        for s in self._seqs:
+            self._pool().free_sequence(s)
+        self._seqs, self._real = [], torch.zeros((0, self._length), dtype=torch.bool)
 
     def _abort(self) -> None:
         """Roll back a forward pass that did not reach its last layer."""
@@ -386,42 +401,38 @@ class PagedCache(_cache_base()):
         if step.plan is not None:
             step.plan.close()
         if step.created:
-            for s in self._seqs or ():
-                self.pool.free_sequence(s)
-            self._seqs = self._real = None
+            self._drop_sequences()
         else:
             for s, n in zip(self._seqs, step.lengths):
-                self.pool.truncate(s, n)
+                self._pool().truncate(s, n)
 
     def _place(self, step: _Step, real_new: torch.Tensor) -> None:
         """Reserve the real new tokens of every row (all-or-nothing) and plan."""
         batch = real_new.shape[0]
-        if self.pool is None:
-            self._make_pool(batch)
-        created = self._seqs is None
+        pool = self._make_pool(batch) if self.pool is None else self.pool
+        created = not self._seqs
         if created and self._batch_size not in (None, batch):
             raise ShapeError(f"batch_size: the cache was made for {self._batch_size} "
                              f"sequences, got a batch of {batch}")
         counts = real_new.sum(1).tolist()
-        lengths = [0] * batch if created else [self.pool.seq_len(s) for s in self._seqs]
-        P = self.pool.page_size
+        lengths = [0] * batch if created else [pool.seq_len(s) for s in self._seqs]
+        P = pool.page_size
         need = sum(-(-(n0 + n) // P) - -(-n0 // P) for n0, n in zip(lengths, counts))
-        if need > self.pool.num_free_pages:
+        if need > pool.num_free_pages:
             raise PoolFullError(
-                f"max_tokens: the pool ({self.pool.num_pages} pages of {P} tokens for "
-                f"max_tokens={self.max_tokens}) has {self.pool.num_free_pages} free pages, "
+                f"max_tokens: the pool ({pool.num_pages} pages of {P} tokens for "
+                f"max_tokens={self.max_tokens}) has {pool.num_free_pages} free pages, "
                 f"{need} are needed for {sum(counts)} more tokens")
         step.placed, step.created, step.lengths = True, created, lengths
         if created:
-            self._seqs = [self.pool.create_sequence() for _ in range(batch)]
+            self._seqs = [pool.create_sequence() for _ in range(batch)]
             self._real = torch.zeros((batch, self._length), dtype=torch.bool)
         # a shared (forked) partial page is copied on reserve, so a reserve can
         # still fail past the count above: _abort truncates back
-        step.slots = np.concatenate([self.pool.reserve(s, n)
-                                     for s, n in zip(self._seqs, counts)])
+        step.slots = np.concatenate([pool.reserve(s, n) for s, n in zip(self._seqs, counts)])
         step.real_new = real_new
         cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        step.plan = self.pool.plan(self._seqs, cu_seqlens_q=cu)
+        step.plan = pool.plan(self._seqs, cu_seqlens_q=cu)
 
     def _commit(self, step: _Step) -> None:
         step.plan.close()
@@ -468,7 +479,7 @@ def _check_mask(allowed: torch.Tensor | None, real: torch.Tensor, q_len: int,
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: PagedKV,
-                      value: PagedKV, attention_mask: torch.Tensor | None,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
                       dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, softcap: float | None = None,
                       sliding_window: int | None = None, **kwargs: Any
@@ -533,14 +544,12 @@ def _attend(cache, module, query, key, value, attention_mask, dropout, scaling, 
     allowed = None if attention_mask is None else hf._bool_mask(attention_mask, b, q_len,
                                                                  past + q_len)
     left = None if sliding_window is None else int(sliding_window) - 1
-    real_new = step.real_new
-    if real_new is None:
-        real_new = _real_new(allowed, b, q_len, past)
+    real_new = step.real_new if step.placed else _real_new(allowed, b, q_len, past)
     if not any(m is attention_mask and w == left for m, w in step.checked):
-        real = real_new if cache._real is None else torch.cat([cache._real, real_new], 1)
+        real = torch.cat([cache._real, real_new], 1) if cache._seqs else real_new
         _check_mask(allowed, real, q_len, left)
         step.checked.append((attention_mask, left))
-    if step.real_new is None:
+    if not step.placed:
         cache._place(step, real_new)
     everything = bool(real_new.all())
     k = k_new.transpose(1, 2)                                   # (B, q, Hkv, D)
@@ -550,7 +559,7 @@ def _attend(cache, module, query, key, value, attention_mask, dropout, scaling, 
         k, v, q = (x.reshape(b * q_len, *x.shape[2:]) for x in (k, v, q))
     else:
         k, v, q = k[real_new], v[real_new], q[real_new]
-    cache.pool.write(layer, step.slots, _to_numpy(k, "key"), _to_numpy(v, "value"))
+    cache._pool().write(layer, step.slots, _to_numpy(k, "key"), _to_numpy(v, "value"))
     opts = {}
     if sinks is not None:
         opts["sinks"] = sinks.detach().float().numpy() if isinstance(sinks, torch.Tensor) \
