@@ -10,9 +10,10 @@ Usage::
 
 How it fits transformers' attention modules, which call
 ``cache.update(k, v, layer_idx)`` and pass what it returns to the attention
-function: ``update`` only holds the new K/V and returns two stand-in tensors
-(:class:`PagedKV`) naming the cache and the layer. The "cpuattn" attention
-function recognises them and calls :func:`attention_forward` here, which
+function: ``update`` only holds the new K/V and returns a stand-in tensor
+(:class:`PagedKV`, as both K and V) naming the cache and the layer. The
+"cpuattn" attention function recognises it and calls
+:func:`attention_forward` here, which
 reads the padding of the new tokens off the mask, stores the real ones with
 ``pool.reserve`` (once per forward pass) and ``pool.write`` (per layer,
 quantising), and runs ``plan.run`` over the pages: no dequantised copy of
@@ -122,6 +123,7 @@ class _Step:
         self.pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.shape: tuple[int, ...] = ()           # of layer 0's K/V; every layer's
         self.real_new = torch.zeros((0, 0), dtype=torch.bool)   # (B, q_len) once placed
+        self.everything = True      # real_new.all(): no padding among the new tokens
         self.placed = False         # pool sequences touched: _abort must undo
         self.created = False        # the pool sequences were made by this step
         self.lengths: list[int] = []   # pool lengths before the step
@@ -257,7 +259,8 @@ class PagedCache(Cache):
                *args: Any, **kwargs: Any) -> tuple[PagedKV, PagedKV]:
         """Hold layer ``layer_idx``'s new K/V ``(batch, num_kv_heads, q_len,
         head_dim)`` for its attention call; return the :class:`PagedKV`
-        stand-ins that the "cpuattn" attention function resolves.
+        stand-in (as both K and V) that the "cpuattn" attention function
+        resolves.
 
         Layer 0 starts a forward pass (rolling back one that never
         finished); later layers must come in order, each after the
@@ -279,7 +282,8 @@ class PagedCache(Cache):
                 f"{expected}, each after the previous layer's cpuattn attention call, with "
                 "K/V of the same shape); this model's layers cannot share one paged pool")
         step.pending = (layer_idx, key_states, value_states)
-        return PagedKV.make(self, layer_idx), PagedKV.make(self, layer_idx)
+        kv = PagedKV.make(self, layer_idx)
+        return kv, kv
 
     # ---- cache surgery between forward passes --------------------------------
 
@@ -430,7 +434,7 @@ class PagedCache(Cache):
         # a shared (forked) partial page is copied on reserve, so a reserve can
         # still fail past the count above: _abort truncates back
         step.slots = np.concatenate([pool.reserve(s, n) for s, n in zip(self._seqs, counts)])
-        step.real_new = real_new
+        step.real_new, step.everything = real_new, bool(real_new.all())
         cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         step.plan = pool.plan(self._seqs, cu_seqlens_q=cu)
 
@@ -491,7 +495,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: PagedKV
         module: the attention module (``is_causal`` must not be False).
         query: ``(batch, num_heads, q_len, head_dim)`` CPU tensor, float32,
             float16 or bfloat16; ``num_heads % num_kv_heads == 0``.
-        key, value: the :class:`PagedKV` stand-ins of one layer.
+        key, value: the :class:`PagedKV` stand-in of one layer (the same object).
         attention_mask: None or the 4-D mask transformers built (bool or
             additive), over ``get_seq_length() + q_len`` columns.
         scaling, softcap, sliding_window: as the module passes them.
@@ -521,8 +525,7 @@ def _attend(cache, module, query, key, value, attention_mask, dropout, scaling, 
             softcap, sliding_window, kwargs):
     from . import hf
     step, layer = cache._step, key.layer
-    if not isinstance(value, PagedKV) or value.cache is not cache or value.layer != layer \
-            or step is None or step.pending is None or step.pending[0] != layer:
+    if value is not key or step is None or step.pending is None or step.pending[0] != layer:
         raise CpuAttnError(f"key/value: not the K/V that PagedCache.update returned for layer "
                            f"{layer} in this forward pass")
     if dropout:
@@ -540,18 +543,19 @@ def _attend(cache, module, query, key, value, attention_mask, dropout, scaling, 
             or query.shape[3] != d or query.shape[1] % hkv:
         raise ShapeError(f"query: expected ({b}, a multiple of {hkv}, {q_len}, {d}), "
                          f"got {tuple(query.shape)}")
-    past = cache._length
-    allowed = None if attention_mask is None else hf._bool_mask(attention_mask, b, q_len,
-                                                                 past + q_len)
     left = None if sliding_window is None else int(sliding_window) - 1
-    real_new = step.real_new if step.placed else _real_new(allowed, b, q_len, past)
-    if not any(m is attention_mask and w == left for m, w in step.checked):
+    # every layer of a type gets the same mask: read and check it once a step
+    if not step.placed or not any(m is attention_mask and w == left for m, w in step.checked):
+        past = cache._length
+        allowed = None if attention_mask is None else hf._bool_mask(attention_mask, b, q_len,
+                                                                     past + q_len)
+        real_new = step.real_new if step.placed else _real_new(allowed, b, q_len, past)
         real = torch.cat([cache._real, real_new], 1) if cache._seqs else real_new
         _check_mask(allowed, real, q_len, left)
         step.checked.append((attention_mask, left))
-    if not step.placed:
-        cache._place(step, real_new)
-    everything = bool(real_new.all())
+        if not step.placed:
+            cache._place(step, real_new)
+    real_new, everything = step.real_new, step.everything
     k = k_new.transpose(1, 2)                                   # (B, q, Hkv, D)
     v = v_new.transpose(1, 2)
     q = query.transpose(1, 2)
