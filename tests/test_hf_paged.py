@@ -20,8 +20,8 @@ import cpuattn  # noqa: E402
 from cpuattn import CpuAttnError, DTypeError, PoolFullError, ShapeError  # noqa: E402
 from cpuattn.integrations import hf  # noqa: E402
 from cpuattn.integrations.hf_paged import PagedKV  # noqa: E402
+from test_hf import VOCAB, left_padded as padded  # noqa: E402  (left-padded prompts, mask)
 
-VOCAB = 128
 LOW_BIT = ["int8", "int4", "float8_e4m3fn", "float8_e5m2"]
 ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # max |logit difference| against float32 pages on the tiny models (logits of
@@ -59,16 +59,6 @@ def llama_config(num_kv_heads=2, **kw):
 @pytest.fixture(scope="module")
 def llama():
     return twins(llama_config())
-
-
-def padded(lengths, width, seed=0):
-    """Left-padded random prompts and their 2-D attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=g)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        mask[b, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def generate(model, ids, mask, cache=None, **kw):
