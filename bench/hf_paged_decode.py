@@ -7,9 +7,12 @@ same random prompt; then --rounds rounds interleave the caches: each decodes
 the same --steps teacher-forced tokens (timed) and is cropped back to the
 context, so drift on this shared machine hits all alike. tokens/s = batch *
 steps / median round time. KV MB: DynamicCache's tensors against
-PagedCache.nbytes (pages its sequences use, scales included). max |dlogit|:
-the largest logit difference over the decoded positions against float32
-pages (the float32 row: against DynamicCache + "sdpa").
+PagedCache.nbytes (pages its sequences use, scales included) and
+QuantizedCache("fp8")'s codes (transformers' own low-bit cache, which
+dequantises all of it for every attention call; quanto / HQQ are not
+installed here). max |dlogit|: the largest logit difference over the decoded
+positions against float32 pages (float32 pages and QuantizedCache: against
+DynamicCache + "sdpa").
 
     python bench/hf_paged_decode.py --threads 2
     python bench/hf_paged_decode.py --cases 512x1,4096x1 --steps 16
@@ -33,8 +36,27 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 KV_DTYPES = ["float32", "bfloat16", "int8", "int4", "float8_e4m3fn"]
 
 
-def dynamic_bytes(cache):
+def kv_bytes(cache):
+    """Bytes of K/V a cache holds (QuantizedCache: its fp8 codes)."""
+    if isinstance(cache, transformers.QuantizedCache):
+        return sum(layer._quantized_keys[0].nbytes + layer._quantized_values[0].nbytes
+                   for layer in cache.layers)
+    if isinstance(cache, hf.PagedCache):
+        return cache.nbytes
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def rewind(cache, steps):
+    """Drop the last `steps` tokens. QuantizedCache's fp8 layers have no
+    working crop: cut their codes by hand (transformers 5.25 internals)."""
+    if not isinstance(cache, transformers.QuantizedCache):
+        cache.crop(-steps)
+        return
+    for layer in cache.layers:
+        for name in ("_quantized_keys", "_quantized_values"):
+            codes, scale = getattr(layer, name)
+            setattr(layer, name, (codes[..., :-steps, :], scale))
+        layer.cumulative_length -= steps
 
 
 def decode(model, cache, mask, tokens):
@@ -54,7 +76,9 @@ def run_case(models, context, batch, args, log):
     ids = torch.randint(1, cfg.vocab_size, (batch, context), generator=g)
     mask = torch.ones_like(ids)
     tokens = torch.randint(1, cfg.vocab_size, (batch, args.steps), generator=g)
-    caches = {"DynamicCache+sdpa": (models["sdpa"], transformers.DynamicCache(config=cfg))}
+    caches = {"DynamicCache+sdpa": (models["sdpa"], transformers.DynamicCache(config=cfg)),
+              # transformers' low-bit cache: dequantises all of it for every attention call
+              "QuantizedCache fp8": (models["sdpa"], transformers.QuantizedCache("fp8", cfg))}
     for dt in KV_DTYPES:
         caches[f"Paged {dt}"] = (models["cpuattn"], hf.PagedCache(
             models["cpuattn"].config, max_tokens=batch * (context + args.steps),
@@ -69,15 +93,16 @@ def run_case(models, context, batch, args, log):
             sec, out = decode(model, cache, mask, tokens)
             times[name].append(sec)
             logits.setdefault(name, out)
-            cache.crop(-args.steps)
+            rewind(cache, args.steps)
         log(f"  round {r + 1}/{args.rounds}")
     rows = []
     for name, (model, cache) in caches.items():
-        nbytes = dynamic_bytes(cache) if name.startswith("Dynamic") else cache.nbytes
-        ref = "DynamicCache+sdpa" if name == "Paged float32" else "Paged float32"
-        diff = None if name == ref or name.startswith("Dynamic") else \
+        ref = "DynamicCache+sdpa" if name == "Paged float32" else \
+            "Paged float32" if name.startswith("Paged") else "DynamicCache+sdpa"
+        diff = None if name == "DynamicCache+sdpa" else \
             (logits[name] - logits[ref]).abs().max().item()
-        rows.append((name, batch * args.steps / statistics.median(times[name]), nbytes, diff))
+        rows.append((name, batch * args.steps / statistics.median(times[name]),
+                     kv_bytes(cache), diff))
     scale = logits["Paged float32"].abs().max().item()
     return rows, scale
 

@@ -105,15 +105,19 @@ def round_trip(x, dtype):
 
 
 class RoundTripCache(transformers.DynamicCache):
-    """DynamicCache holding K/V rounded through the page storage."""
+    """DynamicCache holding K/V rounded through the page storage; the first
+    forward pass (a prompt's prefill) attends over its exact K/V, as
+    PagedCache's does."""
 
     def __init__(self, config, k_dtype, v_dtype):
         super().__init__(config=config)
         self.k_dtype, self.v_dtype = k_dtype, v_dtype
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        return super().update(round_trip(k, self.k_dtype), round_trip(v, self.v_dtype),
-                              layer_idx, *args, **kwargs)
+        fresh = self.get_seq_length(layer_idx) == 0
+        kk, vv = super().update(round_trip(k, self.k_dtype), round_trip(v, self.v_dtype),
+                                layer_idx, *args, **kwargs)
+        return (k, v) if fresh else (kk, vv)
 
 
 # ---- float32 pages: DynamicCache's tokens ---------------------------------------------
