@@ -25,9 +25,11 @@ from test_hf import VOCAB, left_padded as padded  # noqa: E402  (left-padded pro
 LOW_BIT = ["int8", "int4", "float8_e4m3fn", "float8_e5m2"]
 ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # max |logit difference| against float32 pages on the tiny models (logits of
-# about +-0.6), teacher-forced over 11 positions: measured x ~4 (README)
-VS_FLOAT32 = {"float16": 1e-3, "bfloat16": 4e-3, "int8": 1e-2, "float8_e4m3fn": 5e-2,
-              "float8_e5m2": 0.1, "int4": 0.2}
+# about +-0.6), teacher-forced over 11 positions: about 4x the largest seen
+# on tiny Llama / Qwen3 (fp16 1e-4, bf16 7e-4, int8 2e-3, e4m3 9e-3, e5m2
+# 2.3e-2, int4 3.6e-2)
+VS_FLOAT32 = {"float16": 5e-4, "bfloat16": 3e-3, "int8": 8e-3, "float8_e4m3fn": 4e-2,
+              "float8_e5m2": 0.1, "int4": 0.15}
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # past_key_values= renamed
 
