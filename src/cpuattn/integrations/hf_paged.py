@@ -17,7 +17,7 @@ function: ``update`` only holds the new K/V and returns a stand-in tensor
 reads the padding of the new tokens off the mask, stores the real ones with
 ``pool.reserve`` (once per forward pass) and ``pool.write`` (per layer,
 quantising), and runs ``plan.run`` over the pages: no dequantised copy of
-the cache is made. Any other use of a stand-in (``"sdpa"``, ``"eager"``,
+the cache is made (a prompt's prefill attends over its exact K/V). Any other use of a stand-in (``"sdpa"``, ``"eager"``,
 a model that touches K/V between ``update`` and attention) raises
 :class:`~cpuattn.CpuAttnError` instead of computing over the wrong keys.
 
@@ -175,7 +175,10 @@ class PagedCache(Cache):
 
     Behaviour:
         * float32 pages give the tokens of ``DynamicCache``; low-bit pages
-          differ only by the storage's rounding.
+          differ only by the storage's rounding. A prompt's prefill (a
+          forward pass over an empty cache) attends over its exact K/V while
+          storing them, as vLLM and ``QuantizedCache`` do; later passes read
+          the pages.
         * ``get_seq_length`` counts mask columns (padding included), as
           ``DynamicCache``; the pool holds each row's real tokens only.
         * A full pool raises :class:`~cpuattn.PoolFullError` from the first
@@ -514,7 +517,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: PagedKV
     On the first layer of a forward pass the real new tokens are reserved
     in the pool (PoolFullError if they do not fit, nothing changed); each
     layer then writes its K/V (quantising) and runs paged attention over
-    the pages. Any error rolls the whole forward pass back.
+    the pages (a prompt's prefill, over an empty cache: varlen attention
+    over its exact K/V). Any error rolls the whole forward pass back.
     """
     cache = key.cache
     try:
