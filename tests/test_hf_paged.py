@@ -348,23 +348,27 @@ def test_pool_full_leaves_cache_unchanged(llama):
     torch.testing.assert_close(ok, want, rtol=1e-5, atol=1e-5)
 
 
-def test_forked_tail_page_pool_full_rolls_back(llama):
-    """Beams share a partial tail page; copying it on write needs a page the
-    count of new pages does not see: the rollback still leaves nothing changed."""
+def test_forked_tail_page_copies_are_counted(llama):
+    """Beams share a partial last page, which each growing beam but the last
+    copies: those copies count, so a pool one page short fails up front with
+    nothing changed, and one with enough pages decodes."""
     _, ours = llama
     ids, mask = padded([5], 5, seed=21)
-    cache = paged(ours, "float32", max_tokens=8, page_size=8)   # 1 page
+    cache = paged(ours, "float32", max_tokens=16, page_size=8)  # 2 pages, 1 used
+    nxt = torch.ones((3, 1), dtype=ids.dtype)
+    m2 = torch.ones((3, 6), dtype=mask.dtype)
     with torch.no_grad():
         ours(ids, attention_mask=mask, past_key_values=cache)
-        cache.batch_repeat_interleave(2)                        # both rows share page 0
+        cache.batch_repeat_interleave(3)            # three rows share page 0: 2 copies
         before = snapshot(cache)
-        nxt = torch.ones((2, 1), dtype=ids.dtype)
-        m2 = torch.ones((2, 6), dtype=mask.dtype)
-        with pytest.raises(PoolFullError):
+        with pytest.raises(PoolFullError, match="2 are needed"):
             ours(nxt, attention_mask=m2, past_key_values=cache)
-    after = snapshot(cache)
-    assert after[:4] == before[:4] and torch.equal(after[4], before[4])
-    cache.pool._check_invariants()
+        after = snapshot(cache)
+        assert after[:4] == before[:4] and torch.equal(after[4], before[4])
+        cache.pool._check_invariants()
+        cache.batch_select_indices(torch.tensor([0, 2]))   # two rows: 1 copy fits
+        ours(nxt[:2], attention_mask=m2[:2], past_key_values=cache)
+    assert cache.pool.num_free_pages == 0 and cache.get_seq_length() == 6
 
 
 def test_attention_implementations_that_cannot_read_the_pool(llama):

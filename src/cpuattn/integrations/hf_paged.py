@@ -428,6 +428,7 @@ class PagedCache(Cache):
         lengths = [0] * batch if created else [pool.seq_len(s) for s in self._seqs]
         P = pool.page_size
         need = sum(-(-(n0 + n) // P) - -(-n0 // P) for n0, n in zip(lengths, counts))
+        need += self._tail_copies(lengths, counts)
         if need > pool.num_free_pages:
             raise PoolFullError(
                 f"max_tokens: the pool ({pool.num_pages} pages of {P} tokens for "
@@ -437,13 +438,26 @@ class PagedCache(Cache):
         if created:
             self._seqs = [pool.create_sequence() for _ in range(batch)]
             self._real = torch.zeros((batch, self._length), dtype=torch.bool)
-        # a shared (forked) partial page is copied on reserve, so a reserve can
-        # still fail past the count above: _abort truncates back
+        # counted above, a reserve cannot fail; were it to, _abort truncates back
         step.slots = np.concatenate([pool.reserve(s, n) for s, n in zip(self._seqs, counts)])
         step.real_new, step.everything = real_new, bool(real_new.all())
         step.cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         step.fresh = not any(lengths)
         step.plan = pool.plan(self._seqs, cu_seqlens_q=step.cu)
+
+    def _tail_copies(self, lengths: list[int], counts: list[int]) -> int:
+        """Pages the reserves will copy: a partial last page that h rows
+        share (forks, beams; nothing else holds pages between passes) is
+        copied by each of the r rows that grow while another holder is left."""
+        if not self._seqs:
+            return 0
+        P, tails = self._pool().page_size, {}
+        for s, n0, n in zip(self._seqs, lengths, counts):
+            if n0 % P:
+                held = tails.setdefault(int(self._pool().pages(s)[-1]), [0, 0])
+                held[0] += 1
+                held[1] += n > 0
+        return sum(r - (r == h) for h, r in tails.values() if r)
 
     def _commit(self, step: _Step) -> None:
         step.plan.close()
