@@ -451,7 +451,8 @@ class PagedCache(Cache):
         copied by each of the r rows that grow while another holder is left."""
         if not self._seqs:
             return 0
-        P, tails = self._pool().page_size, {}
+        P = self._pool().page_size
+        tails: dict[int, list[int]] = {}      # last page -> [rows holding it, rows growing]
         for s, n0, n in zip(self._seqs, lengths, counts):
             if n0 % P:
                 held = tails.setdefault(int(self._pool().pages(s)[-1]), [0, 0])
@@ -543,8 +544,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: PagedKV
         raise
 
 
-def _attend(cache, module, query, key, value, attention_mask, dropout, scaling, is_causal,
-            softcap, sliding_window, kwargs):
+def _attend(cache: PagedCache, module: torch.nn.Module, query: torch.Tensor, key: PagedKV,
+            value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+            scaling: float | None, is_causal: bool | None, softcap: float | None,
+            sliding_window: int | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     from . import hf
     step, layer = cache._step, key.layer
     if value is not key or step is None or step.pending is None or step.pending[0] != layer:
