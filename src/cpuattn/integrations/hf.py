@@ -44,6 +44,7 @@ from transformers.utils import logging as _hf_logging
 from ..dense import _attention_ranges, attention
 from ..errors import CpuAttnError, DTypeError, ShapeError
 from ..torch import _to_numpy, _to_torch
+from .hf_paged import PagedCache, PagedKV, attention_forward as _paged_attention_forward
 
 NAME = "cpuattn"
 # under transformers' logger, so that its verbosity settings apply as to "sdpa"'s warnings
@@ -337,6 +338,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     honoured. ``output_attentions=True`` logs a warning once (as "sdpa")
     and the weights are None.
     """
+    if isinstance(key, PagedKV):    # K/V kept in a PagedCache's pool: attend over its pages
+        return _paged_attention_forward(module, query, key, value, attention_mask, dropout,
+                                        scaling, is_causal, softcap, sliding_window, **kwargs)
     if dropout:
         raise CpuAttnError(f"dropout: cpuattn has no attention dropout, got {dropout}")
     # gpt-oss passes its per-head attention sinks as s_aux
@@ -378,4 +382,4 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return result, None
 
 
-__all__ = ["register", "attention_forward", "NAME"]
+__all__ = ["register", "attention_forward", "PagedCache", "NAME"]
