@@ -20,7 +20,7 @@ import cpuattn  # noqa: E402
 from cpuattn import CpuAttnError, DTypeError, PoolFullError, ShapeError  # noqa: E402
 from cpuattn.integrations import hf  # noqa: E402
 from cpuattn.integrations.hf_paged import PagedKV  # noqa: E402
-from test_hf import VOCAB, left_padded as padded  # noqa: E402  (left-padded prompts, mask)
+from test_hf import VOCAB, left_padded as padded, twin_models  # noqa: E402  (prompts, mask, models)
 
 LOW_BIT = ["int8", "int4", "float8_e4m3fn", "float8_e5m2"]
 ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
@@ -41,14 +41,7 @@ def need_dtype(name):
 
 def twins(cfg, reference="sdpa"):
     """The same random model twice: `reference` attention and "cpuattn"."""
-    hf.register()
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(cfg), attn_implementation=reference).eval()
-    ours = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(cfg), attn_implementation="cpuattn").eval()
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return twin_models(cfg, ref=reference)
 
 
 def llama_config(num_kv_heads=2, **kw):
