@@ -323,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 on a difference")
     ap.add_argument("--gaps", action="store_true", help="list public names whose docstring lacks a section")
     args = ap.parse_args(argv)
-    if str(ROOT / "src") not in sys.path:
-        sys.path.insert(0, str(ROOT / "src"))  # the in-place build, as the tests use it
     if args.gaps:
         print("\n".join(gaps()))
         return 0
@@ -343,4 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # run as a script from a checkout: the in-place build, as the tests use it
+    # (never inside a test run: a changed sys.path reaches every process it spawns)
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
     sys.exit(main())
