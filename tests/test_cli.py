@@ -72,3 +72,17 @@ def test_bench_quick_json(tmp_path):
             assert entry["median_s"] > 0 and len(entry["times_s"]) == entry["reps"]
     assert case["impls"]["cpuattn"]["status"] == "ok"
     assert case["pct_bandwidth_roofline"] > 0
+
+
+def test_bench_isa_forces_the_path_for_the_run(tmp_path):
+    path = tmp_path / "out.json"
+    r = run_cli("bench", "--quick", "--isa", "scalar", "--cases", "decode_call_h1_d16",
+                "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "simd=scalar" in r.stdout
+    result = json.loads(path.read_text())
+    assert result["machine"]["cpuattn"]["simd"] == "scalar"
+    assert result["runs"][0]["results"][0]["impls"]["cpuattn"]["status"] == "ok"
+    r = run_cli("bench", "--isa", "no_such_isa", "--cases", "decode_call_h1_d16")
+    assert r.returncode == 2
+    assert "--isa" in r.stderr and "no_such_isa" in r.stderr

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 import cpuattn
-from cpuattn import _roofline, _validate
+from cpuattn import _roofline, _threads, _validate
 
 IMPLS = ("cpuattn", "torch_sdpa", "torch_paged", "reference")
 
@@ -1157,6 +1157,10 @@ def add_arguments(parser):
     parser.add_argument("--plot", metavar="FILE.png", help="save a plot (needs matplotlib)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument("--isa", metavar="NAME",
+                        help="run cpuattn on this SIMD path (e.g. avx2: a laptop-class CPU's "
+                             "kernels on this machine's memory); default: the best one here "
+                             "(or CPUATTN_ISA)")
 
 
 def main(args, parser):
@@ -1183,7 +1187,16 @@ def main(args, parser):
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed "
                          "(pip install matplotlib), or leave out --plot")
-    result = run_suite(cases, threads, quick=args.quick, seed=args.seed)
+    isa_before = _threads.get_isa()
+    if args.isa:
+        if args.isa not in _threads.supported_isas():
+            parser.error(f"--isa: expected one of {_threads.supported_isas()} on this CPU, "
+                         f"got {args.isa!r}")
+        _threads.set_isa(args.isa)
+    try:
+        result = run_suite(cases, threads, quick=args.quick, seed=args.seed)
+    finally:
+        _threads.set_isa(isa_before)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as f:
