@@ -63,8 +63,26 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
         ``(out, lse)``. Rows that see no key are exactly 0 with lse ``-inf``
         (their sink with ``sinks``).
 
+    Raises:
+        ShapeError: a shape, stride, window or option that does not fit
+            (the message names the argument, what was expected and what was
+            got); nothing is written.
+        DTypeError: q, k, v of different or unsupported dtypes, or ``out`` of
+            another dtype.
+
     Memory beyond inputs and outputs is O(threads x tile); compute is fp32
-    (fp64 for float64 input). Raises ShapeError / DTypeError on bad input.
+    (fp64 for float64 input).
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> q = rng.standard_normal((1, 5, 4, 64), dtype=np.float32)   # 4 query heads
+        >>> k = rng.standard_normal((1, 5, 2, 64), dtype=np.float32)   # 2 kv heads (GQA)
+        >>> out, lse = cpuattn.attention(q, k, k, causal=True, return_lse=True)
+        >>> out.shape, lse.shape
+        ((1, 5, 4, 64), (1, 4, 5))
+        >>> ref = cpuattn.reference_attention(q, k, k, causal=True)
+        >>> bool(np.allclose(out, ref, atol=1e-5))
+        True
     """
     res = _plan.dense_attention(q, k, v, causal, scale, window, softcap, sinks, alibi_slopes,
                                 return_lse, out)

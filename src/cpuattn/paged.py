@@ -91,6 +91,29 @@ def paged_attention(q: ArrayLike, k_pages: ArrayLike, v_pages: ArrayLike, block_
     Returns:
         ``out`` or ``(out, lse)``. A sequence of length 0 gives zero rows.
 
+    Raises:
+        ShapeError: a shape, option or scale that does not fit (the message
+            names the argument, what was expected and what was got).
+        DTypeError: an unsupported dtype of q, the pages, the scales or an
+            index array.
+        PageError: a block-table entry outside ``[0, num_pages)`` where a
+            sequence reads it, or a sequence longer than its table; checked
+            before any kernel runs, nothing is written.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> pages = rng.standard_normal((4, 16, 2, 64), dtype=np.float32)  # 4 pages of 16 slots
+        >>> q = rng.standard_normal((2, 4, 64), dtype=np.float32)           # 2 sequences, 1 token
+        >>> block_table = np.array([[3, 1], [0, 2]], np.int32)
+        >>> seq_lens = np.array([20, 7], np.int32)
+        >>> out = cpuattn.paged_attention(q, pages, pages, block_table, seq_lens)
+        >>> out.shape
+        (2, 4, 64)
+        >>> kv = pages[[3, 1]].reshape(1, 32, 2, 64)[:, :20]                 # sequence 0's keys
+        >>> ref = cpuattn.reference_attention(q[:1, None], kv, kv)[:, 0]
+        >>> bool(np.allclose(out[:1], ref, atol=1e-5))
+        True
+
     Integer index arrays of another integer dtype are accepted and converted
     after their range is checked. Each KV page is read once per KV head for
     all query heads of its group. This is ``PagedPlan(block_table, seq_lens,

@@ -44,8 +44,18 @@ def quantize_kv(x: ArrayLike, dtype: DTypeLike) -> tuple[Array, FloatArray]:
         row (group) gets scale 0; one holding NaN or inf gets scale NaN and
         zero codes, so it shows as NaN after dequantising.
 
-    Raises DTypeError for an unknown dtype or a non-float x, ShapeError for a
-    bad shape (int4 needs an even head_dim).
+    Raises:
+        DTypeError: an unknown ``dtype`` or a non-float ``x``.
+        ShapeError: ``x`` with fewer than 2 axes, or an odd head_dim for int4.
+
+    Examples:
+        >>> x = np.random.default_rng(0).standard_normal((16, 2, 64), dtype=np.float32)
+        >>> codes, scale = cpuattn.quantize_kv(x, "int8")
+        >>> codes.dtype, codes.shape, scale.shape
+        (dtype('int8'), (16, 2, 64), (16, 2))
+        >>> err = np.abs(cpuattn.dequantize_kv(codes, scale, "int8") - x).max()
+        >>> bool(err <= scale.max() / 2)     # at most half a step per element
+        True
     """
     fmt = V.kv_format(dtype)
     x = _rows(x, "x")
@@ -71,6 +81,19 @@ def dequantize_kv(codes: ArrayLike, scale: ArrayLike | float,
     Returns:
         float32 ``(..., num_kv_heads, head_dim)`` (head_dim is twice the last
         axis of int4 codes).
+
+    Raises:
+        DTypeError: an unknown ``dtype``, or codes / scales of another dtype
+            than the format's.
+        ShapeError: scales whose shape does not match the codes.
+
+    Examples:
+        >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 1, 64)
+        >>> codes, scale = cpuattn.quantize_kv(x, "int4")
+        >>> codes.shape, scale.shape                  # two codes a byte, a scale per 32
+        ((1, 1, 32), (1, 1, 2))
+        >>> cpuattn.dequantize_kv(codes, scale, "int4").shape
+        (1, 1, 64)
     """
     fmt = V.kv_format(dtype)
     codes = V.as_array(codes, "codes", kv=True)
