@@ -43,6 +43,20 @@ def merge_attention_states(out_a: ArrayLike | Sequence[State], lse_a: ArrayLike 
     Raises:
         ShapeError / DTypeError: mismatched shapes or dtypes, naming the
             argument.
+    Examples:
+        Attention over 32 keys, as two calls over 16 keys each and a merge:
+
+        >>> rng = np.random.default_rng(0)
+        >>> pages = rng.standard_normal((2, 16, 1, 64), dtype=np.float32)
+        >>> q = rng.standard_normal((1, 2, 64), dtype=np.float32)
+        >>> lens = np.array([16], np.int32)
+        >>> a = cpuattn.paged_attention(q, pages, pages, np.array([[0]]), lens, return_lse=True)
+        >>> b = cpuattn.paged_attention(q, pages, pages, np.array([[1]]), lens, return_lse=True)
+        >>> out, lse = cpuattn.merge_attention_states(*a, *b)
+        >>> whole = cpuattn.paged_attention(q, pages, pages, np.array([[0, 1]]),
+        ...                                 np.array([32], np.int32))
+        >>> bool(np.allclose(out, whole, atol=1e-6))
+        True
     """
     if isinstance(out_a, (list, tuple)) and lse_a is None and out_b is None and lse_b is None:
         states = [_state(s, i) for i, s in enumerate(out_a)]

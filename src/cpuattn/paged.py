@@ -206,6 +206,13 @@ def write_kv(k_pages: ArrayLike, v_pages: ArrayLike, slots: ArrayLike, k: ArrayL
         PageError: a slot past ``num_pages * page_size``.
         ShapeError / DTypeError: bad arrays, read-only pages or scales, a
             scale on float pages or a missing one for int8/int4 pages.
+    Examples:
+        >>> k_pages = np.zeros((2, 4, 1, 8), np.float32)    # 2 pages of 4 slots
+        >>> v_pages = np.zeros_like(k_pages)
+        >>> k = np.ones((2, 1, 8), np.float32)
+        >>> cpuattn.write_kv(k_pages, v_pages, np.array([5, -1]), k, 2 * k)  # -1: padding
+        >>> float(k_pages[1, 1, 0, 0]), float(v_pages[1, 1, 0, 0]), float(k_pages.sum())
+        (1.0, 2.0, 8.0)
     """
     kp = _target(k_pages, "k_pages")
     vp = _target(v_pages, "v_pages")
